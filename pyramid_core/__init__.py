@@ -1,0 +1,1 @@
+"""pyramid_core: self-contained Pyramid Flow inference (no ComfyUI imports)."""

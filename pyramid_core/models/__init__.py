@@ -1,0 +1,1 @@
+"""Model definitions with the official parameter names (state dicts load with no renaming)."""

@@ -1,0 +1,130 @@
+"""Joint text+video attention with the official padding and frame-causal rules.
+
+The official code builds a dense boolean [B,1,L,L] mask: a token attends to a key iff both
+belong to the same sample and neither is padded text (padded text only sees padded text), and
+the key's frame index is <= the query's (text counts as frame 0). That mask rules out fused
+attention kernels and costs gigabytes at 768p.
+
+Along the joint sequence [text; clip tokens, oldest first] the frame index never decreases, so
+"key frame <= query frame" means "key lies in a prefix". `segmented_attention` therefore runs,
+per sample, one unmasked attention call per frame segment (queries of frame f against the
+valid text plus all video tokens up to the end of frame f). Every call has no mask, so SDPA can
+pick flash / memory-efficient kernels. `masked_attention` is the plain reference path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked scaled-dot-product attention on [B, H, L, D] tensors (PyTorch SDPA)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where things are in the joint sequence [text tokens; video tokens].
+
+    text_mask: [B, T] bool, True for real (non-padding) text tokens.
+    frame_ids: [N] int64 frame index of each video token (non-decreasing; same for every sample).
+    """
+
+    text_mask: torch.Tensor
+    frame_ids: torch.Tensor
+
+    @property
+    def text_len(self) -> int:
+        return self.text_mask.shape[1]
+
+    def frame_segments(self) -> list[tuple[int, int]]:
+        """[start, end) ranges of video tokens sharing one frame index, in sequence order."""
+        ids = self.frame_ids.tolist()
+        segments, start = [], 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[start]:
+                segments.append((start, i))
+                start = i
+        return segments
+
+    def dense_mask(self) -> torch.Tensor:
+        """The official boolean mask [B, 1, L, L] (True = attend)."""
+        batch, text_len = self.text_mask.shape
+        device = self.text_mask.device
+        sample_ids = torch.arange(1, batch + 1, device=device)[:, None]
+        text_ids = torch.where(self.text_mask, sample_ids, torch.zeros_like(sample_ids))
+        video_ids = sample_ids.expand(batch, self.frame_ids.shape[0])
+        token_ids = torch.cat([text_ids, video_ids], dim=1)
+        same_group = token_ids[:, None, :, None] == token_ids[:, None, None, :]
+        order = torch.cat([torch.zeros(text_len, dtype=torch.long, device=device), self.frame_ids.to(device)])
+        causal = order[:, None] >= order[None, :]
+        return same_group & causal[None, None]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Reference path: SDPA with the dense official mask. q, k, v: [B, H, L, D]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask().to(q.device))
+
+
+def segmented_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, attend: AttentionFn = sdpa
+) -> torch.Tensor:
+    """Same result as `masked_attention` for every non-padding token, with no N x N mask.
+
+    Padded text queries attend to padded text keys only (as official); their outputs never reach
+    real tokens either way.
+    """
+    text_len = layout.text_len
+    out = torch.empty_like(q)
+    segments = layout.frame_segments()
+    text_mask = layout.text_mask.to(q.device)
+    # samples with identical text masks share every kernel call (e.g. B=1, or equal prompt lengths)
+    groups: dict[tuple, list[int]] = {}
+    for b in range(q.shape[0]):
+        groups.setdefault(tuple(text_mask[b].tolist()), []).append(b)
+    for mask_key, rows in groups.items():
+        rows_idx = torch.tensor(rows, device=q.device)
+        valid = torch.tensor([i for i, m in enumerate(mask_key) if m], dtype=torch.long, device=q.device)
+        padded = torch.tensor([i for i, m in enumerate(mask_key) if not m], dtype=torch.long, device=q.device)
+        qb, kb, vb = (t.index_select(0, rows_idx) for t in (q, k, v))
+        n_text = valid.numel()
+        keys = torch.cat([kb.index_select(2, valid), kb[:, :, text_len:]], dim=2)
+        values = torch.cat([vb.index_select(2, valid), vb[:, :, text_len:]], dim=2)
+        ob = torch.empty_like(qb)
+        for index, (start, end) in enumerate(segments):
+            prefix = n_text + end
+            video_q = qb[:, :, text_len + start : text_len + end]
+            if index == 0:  # text shares frame 0: it sees text and frame-0 tokens, like them
+                queries = torch.cat([qb.index_select(2, valid), video_q], dim=2)
+                result = attend(queries, keys[:, :, :prefix], values[:, :, :prefix])
+                ob[:, :, valid] = result[:, :, :n_text]
+                ob[:, :, text_len + start : text_len + end] = result[:, :, n_text:]
+            else:
+                ob[:, :, text_len + start : text_len + end] = attend(
+                    video_q, keys[:, :, :prefix], values[:, :, :prefix]
+                )
+        if padded.numel():
+            pq, pk, pv = (t.index_select(2, padded) for t in (qb, kb, vb))
+            ob[:, :, padded] = attend(pq, pk, pv)
+        out[rows_idx] = ob
+    return out
+
+
+ATTENTION_MODES = ("segmented", "masked")
+
+
+def joint_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, mode: str = "segmented",
+    attend: AttentionFn = sdpa,
+) -> torch.Tensor:
+    """Dispatch to the fused segmented path (default) or the dense-mask reference path."""
+    if mode == "segmented":
+        return segmented_attention(q, k, v, layout, attend)
+    if mode == "masked":
+        return masked_attention(q, k, v, layout)
+    raise ValueError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")

@@ -1,0 +1,154 @@
+"""Building blocks shared by the two Pyramid Flow DiTs (miniFLUX and MMDiT).
+
+Parameter names follow the official checkpoints, so state dicts load with no renaming.
+Numerics follow the official bf16 autocast path: LayerNorm runs in fp32 and the modulated
+activations stay fp32 until the next Linear; RMSNorm reduces in fp32; RoPE is applied in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # diffusers' embedding/FF modules carry the official parameter names
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
+except ImportError as exc:  # pragma: no cover - diffusers is a hard dependency
+    raise ImportError("pyramid_core needs diffusers>=0.30: pip install diffusers") from exc
+
+__all__ = [
+    "AdaLayerNormContinuous",
+    "AdaLayerNormZero",
+    "AdaLayerNormZeroSingle",
+    "CombinedTimestepTextProjEmbeddings",
+    "FeedForward",
+    "RMSNorm",
+    "apply_rope",
+    "clip_positions",
+    "layer_norm_fp32",
+    "rope_cos_sin",
+]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learned weight (the per-head q/k norm).
+
+    `cast_to_input`: MMDiT casts the result back to the input dtype; miniFLUX leaves it in the
+    weight's dtype for half weights (identical for fp32).
+    """
+
+    def __init__(self, dim: int, eps: float, cast_to_input: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.cast_to_input = cast_to_input
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        weight = self.weight
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(weight.dtype)
+        elif weight.dtype != x.dtype:  # low-precision storage (fp8): compute in the activation dtype
+            weight = weight.to(x.dtype)
+        x = x * weight
+        return x.to(input_dtype) if self.cast_to_input else x
+
+
+def layer_norm_fp32(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Affine-free LayerNorm computed in fp32 (what autocast does); returns fp32."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+class AdaLayerNormZero(nn.Module):
+    """adaLN-Zero: six modulation vectors (shift, scale, gate for attention and MLP) from temb."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor):
+        """Returns (modulated x (fp32), gate_msa, shift_mlp, scale_mlp, gate_mlp), vectors [B,1,D]."""
+        emb = self.linear(F.silu(temb)).to(x.dtype)[:, None]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=-1)
+        return layer_norm_fp32(x) * (1 + scale_msa) + shift_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormZeroSingle(nn.Module):
+    """adaLN-Zero for the single-stream blocks: (shift, scale, gate)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor):
+        emb = self.linear(F.silu(temb)).to(x.dtype)[:, None]
+        shift, scale, gate = emb.chunk(3, dim=-1)
+        return layer_norm_fp32(x) * (1 + scale) + shift, gate
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """Final / context-only norm: (scale, shift) - scale first, the diffusers convention."""
+
+    def __init__(self, dim: int, cond_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        emb = self.linear(F.silu(temb).to(x.dtype)).to(x.dtype)[:, None]
+        scale, shift = emb.chunk(2, dim=-1)
+        return layer_norm_fp32(x) * (1 + scale) + shift
+
+
+def rope_cos_sin(positions: torch.Tensor, axes_dims: list[int], theta: float = 10000.0):
+    """Rotary tables for token positions.
+
+    positions: [L, n_axes] float positions (one column per axis); axes_dims: head-dim channels per
+    axis (sum = head dim). Angles are computed in float64 as official; returns (cos, sin) fp32
+    of shape [L, head_dim // 2], pair k rotating channels (2k, 2k+1).
+    """
+    tables = []
+    for axis, dim in enumerate(axes_dims):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+        tables.append(positions[:, axis].to(torch.float64)[:, None] * omega[None])
+    angles = torch.cat(tables, dim=-1)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, H, L, D] by tables [L, D/2]; fp32 math, x's dtype out."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def clip_positions(clips: list[torch.Tensor], patch: int, axes: str = "thw") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of the video sequence and each token's frame index.
+
+    Frames are numbered cumulatively through the clip list. Spatial positions use the current
+    clip's token grid; a smaller history clip gets linearly interpolated (fractional) positions.
+    Returns (positions [N, len(axes)] float32, frame_ids [N] int64).
+    """
+    device = clips[-1].device
+    grid_h, grid_w = clips[-1].shape[-2] // patch, clips[-1].shape[-1] // patch
+    positions, frames, start = [], [], 0
+    for clip in clips:
+        t, h, w = clip.shape[2], clip.shape[3] // patch, clip.shape[4] // patch
+        ts = torch.arange(start, start + t, device=device, dtype=torch.float32)
+        ys = _grid_positions(grid_h, h, device)
+        xs = _grid_positions(grid_w, w, device)
+        tt, yy, xx = torch.meshgrid(ts, ys, xs, indexing="ij")
+        columns = {"t": tt, "h": yy, "w": xx}
+        positions.append(torch.stack([columns[a].reshape(-1) for a in axes], dim=-1))
+        frames.append(tt.reshape(-1).long())
+        start += t
+    return torch.cat(positions), torch.cat(frames)
+
+
+def _grid_positions(reference: int, size: int, device) -> torch.Tensor:
+    base = torch.arange(reference, dtype=torch.float32, device=device)
+    if size == reference:
+        return base
+    return F.interpolate(base[None, None], size=size, mode="linear", align_corners=False)[0, 0]

@@ -1,0 +1,236 @@
+"""The SD3-style MMDiT Pyramid Flow DiT (`PyramidDiffusionMMDiT` in the official checkpoints).
+
+Same calling convention as the miniFLUX DiT: clips of one stage (history oldest first, current
+clip last) -> velocity of the current clip. Spatial positions come from the stored 2-D sin-cos
+table (cropped around the centre, resized for lower-resolution history); temporal positions
+from a RoPE over the whole head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionFn, TokenLayout, joint_attention, sdpa
+from .layers import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    CombinedTimestepTextProjEmbeddings,
+    FeedForward,
+    RMSNorm,
+    apply_rope,
+    clip_positions,
+    rope_cos_sin,
+)
+
+
+def sincos_table_2d(dim: int, grid: int, base_size: int) -> torch.Tensor:
+    """SD3's 2-D sin-cos table [1, grid*grid, dim]: first half encodes x (columns), second half y."""
+    coords = torch.arange(grid, dtype=torch.float32) / (grid / base_size)
+
+    def encode(pos: torch.Tensor, half: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float64) / (half / 2.0))
+        angles = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    table = torch.cat([encode(xs, dim // 2), encode(ys, dim // 2)], dim=1)
+    return table.float()[None]
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify per frame plus the cropped (and, for history, resized) position table."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, pos_embed_max_size: int, base_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.max_size = pos_embed_max_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_table_2d(dim, pos_embed_max_size, base_size), persistent=True)
+
+    def position_table(self, grid_h: int, grid_w: int, ref_h: int, ref_w: int) -> torch.Tensor:
+        """Crop the reference (current clip) grid around the centre; resize it to a smaller grid."""
+        if ref_h > self.max_size or ref_w > self.max_size:
+            raise ValueError(
+                f"a {ref_h}x{ref_w} token grid exceeds this MMDiT's position table ({self.max_size}x{self.max_size}"
+                f" tokens = {self.max_size * 16} px per side); use a smaller resolution"
+            )
+        top, left = (self.max_size - ref_h) // 2, (self.max_size - ref_w) // 2
+        table = self.pos_embed.reshape(1, self.max_size, self.max_size, -1)[:, top : top + ref_h, left : left + ref_w]
+        if (grid_h, grid_w) != (ref_h, ref_w):
+            table = F.interpolate(table.permute(0, 3, 1, 2), size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+            table = table.permute(0, 2, 3, 1)
+        return table.reshape(1, grid_h * grid_w, -1)
+
+    def forward(self, clips: list[torch.Tensor]) -> torch.Tensor:
+        p = self.patch_size
+        ref_h, ref_w = clips[-1].shape[-2] // p, clips[-1].shape[-1] // p
+        tokens = []
+        for clip in clips:
+            b, c, t, h, w = clip.shape
+            frames = clip.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).to(self.proj.weight.dtype)
+            x = self.proj(frames).flatten(2).transpose(1, 2)
+            x = (x + self.position_table(h // p, w // p, ref_h, ref_w)).to(x.dtype)
+            tokens.append(x.reshape(b, t * x.shape[1], -1))
+        return torch.cat(tokens, dim=1)
+
+
+class JointAttention(nn.Module):
+    """MMDiT joint attention; `context_pre_only` (last block) drops the text output projection."""
+
+    def __init__(self, dim: int, heads: int, context_pre_only: bool):
+        super().__init__()
+        head_dim = dim // heads
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-5, cast_to_input=True), RMSNorm(head_dim, 1e-5, cast_to_input=True)
+        self.add_k_proj, self.add_v_proj, self.add_q_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_add_q = RMSNorm(head_dim, 1e-5, cast_to_input=True)
+        self.norm_add_k = RMSNorm(head_dim, 1e-5, cast_to_input=True)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        if not context_pre_only:
+            self.to_add_out = nn.Linear(dim, dim)
+        self.context_pre_only = context_pre_only
+
+    def _split(self, x, to_q, to_k, to_v, norm_q, norm_k):
+        shape = (x.shape[0], x.shape[1], self.heads, -1)
+        q, k, v = norm_q(to_q(x).view(shape)), norm_k(to_k(x).view(shape)), to_v(x).view(shape)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, context, rope, layout, mode, attend):
+        q, k, v = self._split(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        cq, ck, cv = self._split(context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_add_q, self.norm_add_k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # text sits at frame 0: identity rotation
+        out = joint_attention(torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), layout, mode, attend)
+        out = out.transpose(1, 2).flatten(2)
+        text_len = context.shape[1]
+        context_out = None if self.context_pre_only else self.to_add_out(out[:, :text_len])
+        return self.to_out[0](out[:, text_len:]), context_out
+
+
+class JointTransformerBlock(nn.Module):
+    """MMDiT block: video and text streams with their own weights, one joint attention."""
+
+    def __init__(self, dim: int, heads: int, context_pre_only: bool):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.norm1 = AdaLayerNormZero(dim)
+        self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
+        self.attn = JointAttention(dim, heads, context_pre_only)
+        self.ff = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
+        if not context_pre_only:
+            self.ff_context = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
+
+    def forward(self, x, context, temb, rope, layout, mode="segmented", attend: AttentionFn = sdpa):
+        dtype = x.dtype
+        x_mod, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, temb)
+        if self.context_pre_only:
+            c_mod = self.norm1_context(context, temb)
+        else:
+            c_mod, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, temb)
+        attn_out, context_attn_out = self.attn(x_mod.to(dtype), c_mod.to(dtype), rope, layout, mode, attend)
+
+        x = x + gate_msa * attn_out
+        x_mod = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6) * (1 + scale_mlp) + shift_mlp
+        x = x + gate_mlp * self.ff(x_mod.to(dtype))
+        if self.context_pre_only:
+            return None, x
+        context = context + c_gate_msa * context_attn_out
+        c_mod = F.layer_norm(context.float(), (context.shape[-1],), eps=1e-6) * (1 + c_scale_mlp) + c_shift_mlp
+        context = context + c_gate_mlp * self.ff_context(c_mod.to(dtype))
+        return context, x
+
+
+class PyramidMMDiT(nn.Module):
+    """SD3-style MMDiT with Pyramid Flow's temporal RoPE and frame-causal attention (official names)."""
+
+    def __init__(
+        self,
+        sample_size: int = 128,
+        patch_size: int = 2,
+        in_channels: int = 16,
+        num_layers: int = 24,
+        attention_head_dim: int = 64,
+        num_attention_heads: int = 24,
+        caption_projection_dim: int = 1536,
+        pooled_projection_dim: int = 2048,
+        pos_embed_max_size: int = 192,
+        max_num_frames: int = 200,
+        qk_norm: str = "rms_norm",
+        pos_embed_type: str = "sincos",
+        temp_pos_embed_type: str = "rope",
+        joint_attention_dim: int = 4096,
+        use_temporal_causal: bool = True,
+        use_t5_mask: bool = True,
+        add_temp_pos_embed: bool = True,
+        interp_condition_pos: bool = True,
+        use_flash_attn: bool = False,
+        use_gradient_checkpointing: bool = False,
+        **unused,
+    ):
+        super().__init__()
+        if qk_norm != "rms_norm" or pos_embed_type != "sincos" or temp_pos_embed_type != "rope":
+            raise ValueError(
+                "PyramidMMDiT supports the released configuration only "
+                "(qk_norm='rms_norm', pos_embed_type='sincos', temp_pos_embed_type='rope')"
+            )
+        if not (use_temporal_causal and use_t5_mask and add_temp_pos_embed and interp_condition_pos):
+            raise ValueError(
+                "PyramidMMDiT needs the loader arguments of the official pipeline: use_temporal_causal, use_t5_mask,"
+                " add_temp_pos_embed and interp_condition_pos all True"
+            )
+        dim = num_attention_heads * attention_head_dim
+        if caption_projection_dim != dim:
+            raise ValueError(f"caption_projection_dim {caption_projection_dim} must equal heads*head_dim = {dim}")
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.head_dim = attention_head_dim
+        self.attention_mode = "segmented"
+        self.attention_fn: AttentionFn = sdpa
+        self.pos_embed = PatchEmbed(in_channels, dim, patch_size, pos_embed_max_size, sample_size // patch_size)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
+        self.context_embedder = nn.Linear(joint_attention_dim, caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList(
+            JointTransformerBlock(dim, num_attention_heads, context_pre_only=i == num_layers - 1) for i in range(num_layers)
+        )
+        self.norm_out = AdaLayerNormContinuous(dim, dim)
+        self.proj_out = nn.Linear(dim, patch_size * patch_size * in_channels)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Transformer blocks in execution order (what block swap streams)."""
+        return list(self.transformer_blocks)
+
+    def forward(
+        self,
+        clips: list[torch.Tensor],
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        pooled_projections: torch.Tensor,
+    ) -> torch.Tensor:
+        """Velocity for the current (last) clip, [B, C, t, h, w], from history + current clips."""
+        current = clips[-1]
+        dtype = current.dtype
+        batch, text_len = encoder_hidden_states.shape[:2]
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones(batch, text_len, dtype=torch.long, device=current.device)
+        p = self.patch_size
+
+        temb = self.time_text_embed(timestep, pooled_projections)
+        context = self.context_embedder(encoder_hidden_states)
+        x = self.pos_embed(clips).to(dtype)
+
+        positions, frame_ids = clip_positions(clips, p, axes="t")
+        rope = rope_cos_sin(positions, [self.head_dim])
+        layout = TokenLayout(encoder_attention_mask.bool(), frame_ids)
+        mode, attend = self.attention_mode, self.attention_fn
+        for block in self.transformer_blocks:
+            context, x = block(x, context, temb, rope, layout, mode, attend)
+
+        _, c, t, h, w = current.shape
+        current_tokens = x[:, -t * (h // p) * (w // p) :]
+        out = self.proj_out(self.norm_out(current_tokens, temb).to(dtype))
+        out = out.reshape(batch, t, h // p, w // p, p, p, c)
+        return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, c, t, h, w)
+

@@ -1,0 +1,368 @@
+"""`PyramidFlowPipeline`: load a checkpoint, encode prompts, sample latents, decode frames.
+
+Keyword names and defaults follow the official `PyramidDiTForVideoGeneration.generate` /
+`generate_i2v`, so published settings carry over; `seed=` is the reproducible entry point used by
+the command line and the ComfyUI nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .latent_format import decode_latents, frames_to_float, normalize_latents, denormalize_latents
+from .memory import MemoryManager, default_device
+from .sampling import PyramidSampler, StepCallback, UnitCallback, linear_guidance_scales
+from .scheduler import PyramidFlowScheduler
+from .text import DEFAULT_NEGATIVE_PROMPT, PyramidTextEncoder, TextEmbeddingCache, TextEmbeddings
+from .validation import check_resolution, check_steps, check_temp
+
+OUTPUT_TYPES = ("latent", "pt", "np", "pil", "float")
+LATENT_CHANNELS = 16
+VAE_DOWNSAMPLE = 8
+
+
+@dataclass
+class RandomStreams:
+    """The two random streams of a generation.
+
+    noise: the initial-noise generator (None = global RNG of the execution device, official).
+    global_: draws the official code takes from the global RNG (i2v posterior sample, stage-jump
+    block noise); None = the CPU global RNG itself, a CPU generator = a private stream.
+    """
+
+    noise: torch.Generator | None = None
+    global_: torch.Generator | None = None
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "RandomStreams":
+        """Both streams seeded from one number, never touching global RNG state.
+
+        Equivalent to the official call after `torch.manual_seed(seed)` with
+        `generator=torch.Generator("cpu").manual_seed(seed)` on a CPU run.
+        """
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        seed %= 2**64
+        return cls(torch.Generator("cpu").manual_seed(seed), torch.Generator("cpu").manual_seed(seed))
+
+
+def prepare_image(image: Any, width: int | None, height: int | None) -> tuple[torch.Tensor, int, int]:
+    """An i2v start image -> ([1,3,1,H,W] float in [-1,1], width, height).
+
+    Accepts a PIL image, a uint8 array [H,W,3], or a float tensor/array [H,W,3] (or [1,H,W,3]) in [0,1].
+    Policy when the image size differs from width x height: scale to cover, then centre-crop (LANCZOS),
+    as the official demo does. Without width/height the image's own size is used.
+    """
+    if isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 3 or array.shape[-1] not in (3, 4):
+            raise ValueError(f"input image must be [H, W, 3] (RGB); got shape {array.shape}")
+        if array.dtype != np.uint8:
+            array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        pil = Image.fromarray(array[..., :3], "RGB")
+    width = width or pil.width
+    height = height or pil.height
+    check_resolution(width, height)
+    if pil.size != (width, height):
+        scale = max(width / pil.width, height / pil.height)
+        resized = pil.resize((max(width, round(pil.width * scale)), max(height, round(pil.height * scale))), Image.LANCZOS)
+        left, top = (resized.width - width) // 2, (resized.height - height) // 2
+        pil = resized.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).float().div(255.0)
+    pixels = (pixels - 0.5) / 0.5
+    return pixels.permute(2, 0, 1)[None, :, None], width, height
+
+
+@dataclass
+class PyramidFlowPipeline:
+    """Text-to-video, image-to-video and text-to-image with Pyramid Flow."""
+
+    dit: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: PyramidTextEncoder | None
+    family: str
+    variant: str
+    dtype: torch.dtype = torch.bfloat16
+    memory: MemoryManager = field(default_factory=MemoryManager)
+    scheduler: PyramidFlowScheduler = field(default_factory=PyramidFlowScheduler)
+    text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)
+
+    def __post_init__(self) -> None:
+        for name in ("text_encoder", "dit", "vae"):
+            self.memory.register(name, getattr(self, name))
+
+    @property
+    def device(self) -> torch.device:
+        """Execution device."""
+        return self.memory.device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        variant: str = "diffusion_transformer_384p",
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        *,
+        offload: str = "none",
+        load_text_encoder: bool = True,
+        load_vae: bool = True,
+    ) -> "PyramidFlowPipeline":
+        """Load an official model folder (rain1011/pyramid-flow-miniflux or -sd3 layout).
+
+        `offload`: a memory plan name (see `pyramid_core.memory`). Weights are loaded on the host
+        and placed by the memory plan.
+        """
+        from .loading import load_dit, load_vae, resolve_model_folder
+
+        folder = resolve_model_folder(path)
+        loaded = load_dit(folder.root, variant, dtype=dtype)
+        vae = load_vae(folder.root, dtype=dtype).model if load_vae else None
+        text_encoder = PyramidTextEncoder.from_folder(folder.root, loaded.family, dtype=dtype) if load_text_encoder else None
+        memory = MemoryManager(plan=offload, device=torch.device(device) if device else default_device())
+        return cls(loaded.model.eval(), vae.eval() if vae is not None else None, text_encoder,
+                   loaded.family, loaded.variant, dtype, memory)
+
+    # ------------------------------------------------------------------ text
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = DEFAULT_NEGATIVE_PROMPT,
+        *,
+        add_suffix: bool = True,
+        do_cfg: bool = True,
+    ) -> TextEmbeddings:
+        """CFG batch [negative, positive] (cached per prompt pair and encoder; CPU copies)."""
+        if self.text_encoder is None:
+            raise ValueError(
+                "this pipeline has no text encoder: load one (from_pretrained(..., load_text_encoder=True)) "
+                "or pass prompt_embeds"
+            )
+        with self.memory.use("text_encoder") as encoder:
+            return self.text_cache.encode_for_guidance(
+                encoder, prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg
+            )
+
+    def _text(self, prompt, negative_prompt, prompt_embeds, add_suffix, do_cfg) -> TextEmbeddings:
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("give a prompt (or precomputed prompt_embeds)")
+            prompt_embeds = self.encode_prompt(prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg)
+        expected = 2 if do_cfg else 1
+        if prompt_embeds.batch_size != expected:
+            raise ValueError(
+                f"prompt_embeds must hold {'[negative, positive]' if do_cfg else 'the positive prompt'} "
+                f"(batch {expected}), got batch {prompt_embeds.batch_size}"
+            )
+        return prompt_embeds.to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        temp: int = 1,
+        num_inference_steps: int | Sequence[int] = 28,
+        video_num_inference_steps: int | Sequence[int] = 28,
+        guidance_scale: float = 7.0,
+        video_guidance_scale: float = 7.0,
+        min_guidance_scale: float = 2.0,
+        use_linear_guidance: bool = False,
+        alpha: float = 0.5,
+        negative_prompt: str | list[str] | None = DEFAULT_NEGATIVE_PROMPT,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        save_memory: bool = True,
+        callback: Callable[[int, int], None] | None = None,
+        *,
+        seed: int | None = None,
+        prompt_embeds: TextEmbeddings | None = None,
+        add_prompt_suffix: bool = True,
+        step_callback: StepCallback | None = None,
+        unit_callback: UnitCallback | None = None,
+        vae_tiling: bool = True,
+    ):
+        """Text-to-video (temp > 1) or text-to-image (temp = 1). Returns frames or latents per `output_type`."""
+        if height is None or width is None:
+            raise ValueError("height and width are required (multiples of 64, e.g. 640x384 for 384p, 1280x768 for 768p)")
+        check_resolution(width, height)
+        check_temp(temp, self.variant)
+        first_steps = check_steps(num_inference_steps, "num_inference_steps")
+        video_steps = check_steps(video_num_inference_steps, "video_num_inference_steps")
+        _check_output_type(output_type)
+        if num_images_per_prompt != 1 or (isinstance(prompt, list) and len(prompt) != 1):
+            raise ValueError("one video per call: pass a single prompt and num_images_per_prompt=1")
+        streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
+        do_cfg = guidance_scale > 0
+        text = self._text(prompt, negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg)
+
+        noise = self._initial_noise(temp, height, width, streams.noise)
+        unit_guidance = (
+            linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp) if use_linear_guidance else None
+        )
+        with self.memory.use("dit") as dit:
+            sampler = self._sampler(dit, streams, step_callback, unit_callback, callback)
+            latents = sampler.sample(
+                noise, text, first_frame_steps=first_steps, video_steps=video_steps,
+                guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale, unit_guidance=unit_guidance,
+            )
+        return self._output(latents, output_type, save_memory, vae_tiling)
+
+    @torch.no_grad()
+    def generate_i2v(
+        self,
+        prompt: str | list[str] | None = "",
+        input_image: Any = None,
+        temp: int = 1,
+        num_inference_steps: int | Sequence[int] = 28,
+        guidance_scale: float = 7.0,
+        video_guidance_scale: float = 4.0,
+        min_guidance_scale: float = 2.0,
+        use_linear_guidance: bool = False,
+        alpha: float = 0.5,
+        negative_prompt: str | list[str] | None = DEFAULT_NEGATIVE_PROMPT,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        save_memory: bool = True,
+        callback: Callable[[int, int], None] | None = None,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        prompt_embeds: TextEmbeddings | None = None,
+        add_prompt_suffix: bool = True,
+        step_callback: StepCallback | None = None,
+        unit_callback: UnitCallback | None = None,
+        vae_tiling: bool = True,
+        image_latent: torch.Tensor | None = None,
+    ):
+        """Image-to-video: `temp` latent frames in total, frame 0 being the encoded `input_image`.
+
+        `image_latent` (DiT-space [1,16,1,h,w]) may replace `input_image` (e.g. from a VAE-encode node).
+        An image whose size differs from width x height is scaled to cover and centre-cropped.
+        """
+        if not isinstance(temp, int) or temp < 2:
+            raise ValueError(f"image-to-video needs temp >= 2 (the image is frame 0), got {temp!r}")
+        check_temp(temp, self.variant)
+        steps = check_steps(num_inference_steps, "num_inference_steps")
+        _check_output_type(output_type)
+        if num_images_per_prompt != 1 or (isinstance(prompt, list) and len(prompt) != 1):
+            raise ValueError("one video per call: pass a single prompt and num_images_per_prompt=1")
+        streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
+        do_cfg = guidance_scale > 0
+        text = self._text(prompt or "", negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg)
+
+        if image_latent is None:
+            if input_image is None:
+                raise ValueError("generate_i2v needs input_image (or image_latent)")
+            pixels, width, height = prepare_image(input_image, width, height)
+            noise = self._initial_noise(temp, height, width, streams.noise)
+            image_latent = self.encode_image(pixels, generator=streams.global_)
+        else:
+            _, _, _, h, w = image_latent.shape
+            width, height = width or w * VAE_DOWNSAMPLE, height or h * VAE_DOWNSAMPLE
+            check_resolution(width, height)
+            noise = self._initial_noise(temp, height, width, streams.noise)
+        unit_guidance = (
+            linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp + 1) if use_linear_guidance else None
+        )
+        with self.memory.use("dit") as dit:
+            sampler = self._sampler(dit, streams, step_callback, unit_callback, callback)
+            latents = sampler.sample(
+                noise, text, first_frame_steps=steps, video_steps=steps, guidance_scale=guidance_scale,
+                video_guidance_scale=video_guidance_scale, first_frame_latent=image_latent.to(self.dtype),
+                unit_guidance=unit_guidance,
+            )
+        return self._output(latents, output_type, save_memory, vae_tiling)
+
+    # ------------------------------------------------------------------ VAE
+    def _require_vae(self) -> torch.nn.Module:
+        if self.vae is None:
+            raise ValueError("this pipeline has no VAE: load one (load_vae=True) or use output_type='latent'")
+        return self.vae
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[1,3,1,H,W] pixels in [-1,1] -> DiT-space image latent (posterior sample, image factors)."""
+        self._require_vae()
+        with self.memory.use("vae") as vae:
+            vae_dtype = next(vae.parameters()).dtype
+            posterior = vae.encode(pixels.to(self.device, vae_dtype))
+            sample = posterior.sample(generator=generator)
+        return normalize_latents(sample, self.family)
+
+    @torch.no_grad()
+    def encode_video(self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B,3,F,H,W] pixels in [-1,1] (F = 8k+1) -> DiT-space latents (posterior mean unless `sample`)."""
+        self._require_vae()
+        with self.memory.use("vae") as vae:
+            vae_dtype = next(vae.parameters()).dtype
+            posterior = vae.encode(pixels.to(self.device, vae_dtype), temporal_chunk=pixels.shape[2] > 17)
+            raw = posterior.sample(generator=generator) if sample else posterior.mean
+        return normalize_latents(raw, self.family)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pt", save_memory: bool = True, tiling: bool = True):
+        """DiT-space latents -> frames: 'pt' uint8 [F,H,W,3], 'np', 'pil' (list), 'float' [F,H,W,3] in [0,1]."""
+        _check_output_type(output_type)
+        if output_type == "latent":
+            return latents
+        self._require_vae()
+        with self.memory.use("vae") as vae:
+            if output_type == "float":
+                frames = self._decode_float(vae, latents, save_memory, tiling)
+            else:
+                frames = decode_latents(vae, latents.to(self.device), self.family, save_memory=save_memory, tiling=tiling)
+        if output_type == "np":
+            return frames.numpy()
+        if output_type == "pil":
+            return [Image.fromarray(frame) for frame in frames.numpy()]
+        return frames
+
+    def _decode_float(self, vae, latents, save_memory, tiling) -> torch.Tensor:
+        window, tile = (1, 256) if save_memory else (2, 512)
+        raw = denormalize_latents(latents.to(self.device), self.family)
+        pieces: list[torch.Tensor] = []
+        vae.decode_to_host(
+            raw, temporal_chunk=True, window_size=window, tile_sample_min_size=tile, tiling=tiling,
+            frame_callback=lambda first, frames: pieces.append(frames_to_float(frames)), return_frames=False,
+        )
+        return torch.cat(pieces)
+
+    # ------------------------------------------------------------------ helpers
+    def _initial_noise(self, temp: int, height: int, width: int, generator: torch.Generator | None) -> torch.Tensor:
+        """One randn of the full latent video, as official (a CPU generator draws on the CPU)."""
+        shape = (1, LATENT_CHANNELS, temp, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
+        draw_device = generator.device if generator is not None else self.device
+        noise = torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32)
+        return noise.to(device=self.device, dtype=self.dtype)
+
+    def _sampler(self, dit, streams: RandomStreams, step_callback, unit_callback, unit_start_callback) -> PyramidSampler:
+        return PyramidSampler(
+            dit, self.scheduler, self.device, self.dtype, block_noise_generator=streams.global_,
+            step_callback=step_callback, unit_callback=unit_callback, unit_start_callback=unit_start_callback,
+        )
+
+    def _output(self, latents: torch.Tensor, output_type: str, save_memory: bool, tiling: bool):
+        if output_type == "latent":
+            return latents
+        return self.decode(latents, output_type=output_type, save_memory=save_memory, tiling=tiling)
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+

@@ -1,0 +1,212 @@
+"""Pyramidal flow matching, autoregressive over latent frames (the paper's sampling algorithm).
+
+    for unit u (one latent frame each; unit 0 is the first frame / image):
+        history = clean pyramid of frames 0..u-1 (compressed: older frames at lower resolution)
+        x = stage-0 noise of frame u                        (1/4 of the latent size per side)
+        for stage s in 0, 1, 2:
+            if s > 0: x = alpha_s * up2(x) + beta_s * block_noise      (renoising jump)
+            for each Euler step of the stage:
+                v = DiT(history_s + [x], t)  with classifier-free guidance
+                x = x + (sigma_next - sigma) * v
+        append x (full latent size) to the generated frames
+
+All numerics follow the official implementation; see the scheduler module for the tables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .scheduler import PyramidFlowScheduler, downsample_2x, euler_step, nearest_upsample_2x, sample_block_noise
+from .text import TextEmbeddings
+
+NUM_STAGES = 3
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised (or re-raised) when a step callback stops a generation."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a denoising step sits in the whole run (for progress bars and cancellation)."""
+
+    unit: int
+    num_units: int
+    stage: int
+    step: int
+    steps_in_stage: int
+    completed: int  # steps finished in the whole run, this one included
+    total: int  # steps in the whole run
+
+
+StepCallback = Callable[[StepInfo], None]
+UnitCallback = Callable[[int, int, torch.Tensor], None]  # (unit, num_units, newest clean latent)
+
+
+def stage0_noise(noise: torch.Tensor) -> torch.Tensor:
+    """Full-resolution noise [B,C,T,h,w] -> stage-0 start noise: bilinear halving x2, times 2 each time."""
+    for _ in range(NUM_STAGES - 1):
+        noise = downsample_2x(noise, scale=2.0)
+    return noise
+
+
+def clean_pyramid(latents: torch.Tensor) -> list[torch.Tensor]:
+    """Generated frames [B,C,u,h,w] at every stage resolution, lowest first (bilinear, no rescale)."""
+    levels = [latents]
+    for _ in range(NUM_STAGES - 1):
+        levels.append(downsample_2x(levels[-1]))
+    return levels[::-1]
+
+
+def history_for_stage(pyramid: list[torch.Tensor], stage: int) -> list[torch.Tensor]:
+    """The compressed history the DiT sees at `stage`, oldest first.
+
+    The previous frame at the stage's own resolution, the one before it a stage lower (while that
+    stage is >= 1), and all older frames together at stage-0 resolution.
+    """
+    num_past = pyramid[0].shape[2]
+    if num_past == 0:
+        return []
+    newest_first = [pyramid[stage][:, :, num_past - 1 :]]
+    used, level = 1, stage
+    while used < num_past and level > 1:
+        level -= 1
+        used += 1
+        newest_first.append(pyramid[level][:, :, num_past - used : num_past - used + 1])
+    if used < num_past:
+        newest_first.append(pyramid[0][:, :, : num_past - used])
+    return newest_first[::-1]
+
+
+def guided_velocity(velocity: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on a [negative; positive] batch: u + g * (c - u)."""
+    uncond, cond = velocity.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+@dataclass
+class PyramidSampler:
+    """Runs the pyramid stages and the autoregressive unit loop for one DiT.
+
+    `block_noise_generator`: None draws the stage-jump noise from the CPU global RNG (official);
+    a CPU torch.Generator makes the run independent of global RNG state.
+    """
+
+    dit: Callable[..., torch.Tensor]
+    scheduler: PyramidFlowScheduler
+    device: torch.device
+    dtype: torch.dtype
+    block_noise_generator: torch.Generator | None = None
+    step_callback: StepCallback | None = None
+    unit_callback: UnitCallback | None = None
+    unit_start_callback: Callable[[int, int], None] | None = None  # official `callback(unit, num_units)`
+
+    def denoise_unit(
+        self,
+        noise: torch.Tensor,
+        history: list[list[torch.Tensor]],
+        text: TextEmbeddings,
+        steps: Sequence[int],
+        guidance_scale: float,
+        do_cfg: bool,
+        progress: "_Progress",
+    ) -> list[torch.Tensor]:
+        """Denoise one unit through the three stages; returns the latent after each stage."""
+        x = noise
+        outputs = []
+        for stage in range(NUM_STAGES):
+            schedule = self.scheduler.stage_schedule(int(steps[stage]), stage)
+            if stage > 0:
+                alpha, beta = self.scheduler.stage_jump_coefficients(stage)
+                x = nearest_upsample_2x(x)
+                b, c, t, h, w = x.shape
+                block_noise = sample_block_noise(b, c, t, h, w, generator=self.block_noise_generator)
+                x = alpha * x + beta * block_noise.to(device=self.device, dtype=self.dtype)
+            clips = [torch.cat([clip, clip]) if do_cfg else clip for clip in history[stage]]
+            for step in schedule:
+                model_input = torch.cat([x, x]) if do_cfg else x
+                timestep = step.timestep.expand(model_input.shape[0]).to(device=self.device, dtype=model_input.dtype)
+                velocity = self.dit(
+                    clips + [model_input], timestep, text.prompt_embeds, text.attention_mask, text.pooled
+                )
+                if do_cfg:
+                    velocity = guided_velocity(velocity, guidance_scale)
+                x = euler_step(x, velocity, step.sigma, step.sigma_next)
+                progress.advance(stage, step.index, len(schedule))
+            outputs.append(x)
+        return outputs
+
+    def sample(
+        self,
+        noise: torch.Tensor,
+        text: TextEmbeddings,
+        *,
+        first_frame_steps: Sequence[int],
+        video_steps: Sequence[int],
+        guidance_scale: float,
+        video_guidance_scale: float,
+        first_frame_latent: torch.Tensor | None = None,
+        unit_guidance: Sequence[float] | None = None,
+    ) -> torch.Tensor:
+        """Generate every latent frame. Returns DiT-space latents [B,C,T,h,w].
+
+        noise: the full-resolution initial noise [B,C,T,h,w] (one draw, as official).
+        first_frame_latent: i2v conditioning frame [B,C,1,h,w]; then units 1..T-1 are generated
+        from noise frames 0..T-2 (the official offset) and every unit uses video guidance.
+        unit_guidance: per-unit guidance scales overriding both scales (official linear guidance).
+        """
+        do_cfg = guidance_scale > 0  # the first-frame scale switches CFG for the whole run
+        start_noise = stage0_noise(noise.to(device=self.device, dtype=self.dtype))
+        num_units = noise.shape[2]
+        first_unit = 0 if first_frame_latent is None else 1
+        generated = [] if first_frame_latent is None else [first_frame_latent.to(device=self.device, dtype=self.dtype)]
+        progress = _Progress(self, num_units, first_unit, first_frame_steps, video_steps)
+        for unit in range(first_unit, num_units):
+            progress.unit = unit
+            if self.unit_start_callback is not None:
+                self.unit_start_callback(unit, num_units)
+            is_first_frame = unit == 0
+            if first_frame_latent is None:
+                unit_noise = start_noise[:, :, unit : unit + 1]
+            else:
+                unit_noise = start_noise[:, :, unit - 1 : unit]
+            if generated:
+                pyramid = clean_pyramid(torch.cat(generated, dim=2))
+                history = [history_for_stage(pyramid, stage) for stage in range(NUM_STAGES)]
+            else:
+                history = [[] for _ in range(NUM_STAGES)]
+            if unit_guidance is not None:
+                scale = unit_guidance[unit]
+            else:
+                scale = guidance_scale if is_first_frame else video_guidance_scale
+            steps = first_frame_steps if is_first_frame else video_steps
+            stage_outputs = self.denoise_unit(unit_noise, history, text, steps, scale, do_cfg, progress)
+            generated.append(stage_outputs[-1])
+            if self.unit_callback is not None:
+                self.unit_callback(unit, num_units, stage_outputs[-1])
+        return torch.cat(generated, dim=2)
+
+
+class _Progress:
+    """Counts steps over all units and stages and forwards them to the step callback."""
+
+    def __init__(self, sampler: PyramidSampler, num_units: int, first_unit: int, first_steps, video_steps):
+        self.callback = sampler.step_callback
+        self.num_units = num_units
+        self.unit = first_unit
+        units = range(first_unit, num_units)
+        self.total = sum(sum(first_steps if u == 0 else video_steps) for u in units)
+        self.completed = 0
+
+    def advance(self, stage: int, step: int, steps_in_stage: int) -> None:
+        self.completed += 1
+        if self.callback is not None:
+            self.callback(StepInfo(self.unit, self.num_units, stage, step, steps_in_stage, self.completed, self.total))
+
+
+def linear_guidance_scales(guidance_scale: float, min_guidance_scale: float, slope: float, count: int) -> list[float]:
+    """Official linear guidance: unit u uses max(guidance_scale - slope * u, min_guidance_scale)."""
+    return [max(guidance_scale - slope * u, min_guidance_scale) for u in range(count)]

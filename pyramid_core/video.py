@@ -1,0 +1,353 @@
+"""Video file writers (PyAV): mp4 (H.264), webm (VP9), animated webp and gif.
+
+Frames stream in as chunks, are encoded to a temporary file next to the target and renamed into
+place at the end, so a failed or cancelled write never leaves a partial file and an existing file
+is never overwritten (unless asked).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Union
+
+import numpy as np
+import torch
+
+__all__ = ["VIDEO_FORMATS", "FrameSource", "write_video"]
+
+logger = logging.getLogger(__name__)
+
+VIDEO_FORMATS: tuple[str, ...] = ("mp4", "webm", "webp", "gif")
+
+FrameArray = Union[np.ndarray, torch.Tensor]
+FrameSource = Union[FrameArray, Iterable[FrameArray]]
+
+_MAX_COUNTER = 99999
+# Encoder used through PyAV for each format; webp/gif fall back to Pillow when it is missing.
+_PYAV_ENCODER = {"mp4": "libx264", "webm": "libvpx-vp9", "webp": "libwebp_anim", "gif": "gif"}
+
+
+def write_video(
+    frames: FrameSource,
+    path: str | os.PathLike,
+    *,
+    fps: float = 24,
+    format: str | None = None,
+    quality: int = 80,
+    overwrite: bool = False,
+    callback: Callable[[int], None] | None = None,
+) -> Path:
+    """Encode RGB frames to ``path`` and return the path actually written.
+
+    ``frames``: uint8 ``[F,H,W,3]`` (numpy or torch; float in [0, 1] is converted), or an iterable of
+    such chunks (``[H,W,3]`` single frames allowed) so a video never needs to be in memory at once.
+    ``format``: ``mp4`` | ``webm`` | ``webp`` | ``gif``; ``None`` takes it from the suffix (given a format,
+    a missing suffix is appended). ``quality`` 0-100 (higher = better, larger): mp4 CRF ``51 - 0.4q``,
+    webm CRF ``63 - 0.45q``, webp quality ``q``; gif ignores it (per-frame 256-colour palettes).
+    mp4 needs even sizes (yuv420p), so odd widths/heights are padded by repeating the last column/row.
+    An existing file is kept: the name gets a counter, ``clip.mp4`` -> ``clip_00001.mp4``, ``clip_00002.mp4``...
+    (``overwrite=True`` replaces it). The folder must exist. ``callback(n)`` runs after each encoded frame;
+    an exception from it (or from ``frames``) cancels the write and leaves no file behind.
+    """
+    target, fmt = _resolve_target(path, format)
+    rate = _frame_rate(fps)
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 0 <= quality <= 100:
+        raise ValueError(f"quality must be an integer in 0..100, got {quality!r}")
+
+    stream = _frames(frames)
+    try:
+        first = next(stream)
+    except StopIteration:
+        raise ValueError("no frames to write: the frame source is empty") from None
+    stream = _chain(first, stream)
+
+    tmp = _reserve_temp(target)
+    try:
+        if _pyav_can_write(fmt):
+            _write_pyav(stream, tmp, fmt, rate, int(quality), first.shape, callback)
+        elif fmt in ("webp", "gif"):
+            logger.warning("PyAV here cannot write %s (no %s encoder/muxer); using Pillow, which keeps all frames in memory",
+                           fmt, _PYAV_ENCODER[fmt])
+            _write_pillow(stream, tmp, fmt, rate, int(quality), callback)
+        else:
+            raise RuntimeError(
+                f"this PyAV build has no {_PYAV_ENCODER[fmt]} encoder for {fmt}; install the PyPI wheel "
+                f"(pip install --force-reinstall av) or write webp/gif instead"
+            )
+        return _publish(tmp, target, overwrite)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _resolve_target(path: str | os.PathLike, format: str | None) -> tuple[Path, str]:
+    target = Path(path).expanduser()
+    if target.name == "" or target.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; pass a file name such as {str(Path(path) / 'video.mp4')!r}")
+    suffix = target.suffix.lower().lstrip(".")
+    if format is None:
+        if suffix not in VIDEO_FORMATS:
+            raise ValueError(
+                f"cannot tell the video format from {target.name!r}; use a .mp4/.webm/.webp/.gif name or pass format="
+            )
+        fmt = suffix
+    else:
+        fmt = format.lower().lstrip(".")
+        if fmt not in VIDEO_FORMATS:
+            raise ValueError(f"unknown video format {format!r}; choose one of {', '.join(VIDEO_FORMATS)}")
+        if suffix in VIDEO_FORMATS and suffix != fmt:
+            raise ValueError(f"file name {target.name!r} contradicts format={format!r}; make them agree")
+        if suffix != fmt:
+            target = target.with_name(f"{target.name}.{fmt}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {folder} (create it first or choose an existing folder)")
+    return target.resolve(), fmt
+
+
+def _frame_rate(fps: float) -> Fraction:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction, np.integer, np.floating)):
+        raise ValueError(f"fps must be a number, got {fps!r}")
+    if not math.isfinite(float(fps)) or fps <= 0:
+        raise ValueError(f"fps must be a positive finite number, got {fps!r}")
+    # 23.976 -> 2997/125; integer rates stay exact.
+    exact = Fraction(fps) if isinstance(fps, (int, Fraction)) else Fraction(float(fps))
+    return exact.limit_denominator(1001)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames
+
+
+def _to_uint8(chunk: FrameArray) -> np.ndarray:
+    """One chunk as a C-contiguous uint8 ``[F,H,W,3]`` array."""
+    if isinstance(chunk, torch.Tensor):
+        chunk = chunk.detach().cpu()
+        if chunk.is_floating_point():
+            chunk = chunk.float()
+        chunk = chunk.numpy()
+    elif not isinstance(chunk, np.ndarray):
+        chunk = np.asarray(chunk)
+    if chunk.ndim == 3:
+        chunk = chunk[None]
+    if chunk.ndim != 4 or chunk.shape[-1] != 3:
+        hint = " (drop alpha with frames[..., :3])" if chunk.ndim == 4 and chunk.shape[-1] == 4 else ""
+        raise ValueError(f"frames must be RGB [F,H,W,3] (or [H,W,3]), got shape {tuple(chunk.shape)}{hint}")
+    if chunk.dtype == np.uint8:
+        return np.ascontiguousarray(chunk)
+    if np.issubdtype(chunk.dtype, np.floating):
+        chunk = np.nan_to_num(chunk.astype(np.float32, copy=False))
+        if chunk.size and chunk.max() > 1.5:
+            raise ValueError(
+                f"float frames must be in [0, 1], got values up to {chunk.max():.3g}; divide by 255 or pass uint8"
+            )
+        return np.ascontiguousarray(np.rint(np.clip(chunk, 0.0, 1.0) * 255.0).astype(np.uint8))
+    raise ValueError(f"frames must be uint8 (0..255) or float (0..1), got dtype {chunk.dtype}")
+
+
+def _frames(source: FrameSource) -> Iterator[np.ndarray]:
+    """Single ``[H,W,3]`` uint8 frames from an array or an iterable of chunks, checking one size throughout."""
+    chunks: Iterable[FrameArray] = [source] if isinstance(source, (np.ndarray, torch.Tensor)) else source
+    size = None
+    for chunk in chunks:
+        arr = _to_uint8(chunk)
+        if size is None and len(arr):
+            size = arr.shape[1:3]
+            if size[0] < 1 or size[1] < 1:
+                raise ValueError(f"frames must be at least 1x1 pixels, got {size[1]}x{size[0]}")
+        if len(arr) and arr.shape[1:3] != size:
+            raise ValueError(f"all frames must share one size: got {arr.shape[2]}x{arr.shape[1]} after {size[1]}x{size[0]}")
+        yield from arr
+
+
+def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
+
+
+def _pad_even(frame: np.ndarray) -> np.ndarray:
+    h, w = frame.shape[:2]
+    if h % 2 == 0 and w % 2 == 0:
+        return frame
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+
+
+def _pyav_can_write(fmt: str) -> bool:
+    import av
+
+    if fmt not in av.formats_available:
+        return False
+    try:
+        av.codec.Codec(_PYAV_ENCODER[fmt], "w")
+    except Exception:  # PyAV raises UnknownCodecError (a ValueError subclass in some versions)
+        return False
+    return True
+
+
+def _write_pyav(
+    frames: Iterator[np.ndarray],
+    path: Path,
+    fmt: str,
+    rate: Fraction,
+    quality: int,
+    shape: tuple[int, ...],
+    callback: Callable[[int], None] | None,
+) -> None:
+    import av
+
+    height, width = shape[0], shape[1]
+    container_options: dict[str, str] = {}
+    if fmt == "mp4":
+        container_options["movflags"] = "+faststart"  # index first: plays while downloading
+        height, width = height + height % 2, width + width % 2
+    elif fmt in ("webp", "gif"):
+        container_options["loop"] = "0"  # loop forever, like an image preview
+
+    container = av.open(str(path), mode="w", format=fmt, options=container_options)
+    try:
+        stream = container.add_stream(_PYAV_ENCODER[fmt], rate=rate)
+        stream.width, stream.height = width, height
+        to_frame = _frame_converter(fmt, stream, quality)
+        written = 0
+        for frame in frames:
+            if fmt == "mp4":
+                frame = _pad_even(frame)
+            for packet in stream.encode(to_frame(frame)):
+                container.mux(packet)
+            written += 1
+            if callback is not None:
+                callback(written)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    finally:
+        container.close()
+
+
+def _frame_converter(fmt: str, stream, quality: int) -> Callable[[np.ndarray], object]:
+    """Configure ``stream`` for ``fmt`` and return the numpy -> ``av.VideoFrame`` conversion."""
+    import av
+
+    if fmt in ("mp4", "webm"):
+        stream.pix_fmt = "yuv420p"
+        if fmt == "mp4":
+            stream.options = {"crf": str(round(51 - 0.4 * quality)), "preset": "medium"}
+        else:
+            stream.options = {"crf": str(round(63 - 0.45 * quality)), "b": "0", "row-mt": "1", "cpu-used": "4"}
+        return _yuv420_converter(stream)
+    if fmt == "webp":
+        stream.pix_fmt = "bgra"  # libwebp does its own RGB->YUV, better than a swscale round trip
+        stream.options = {"quality": str(quality), "lossless": "0"}
+        return lambda frame: av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="bgra")
+    stream.pix_fmt = "pal8"
+    return _palette_frame
+
+
+def _yuv420_converter(stream) -> Callable[[np.ndarray], object]:
+    """RGB -> BT.709 limited-range yuv420p, tagged on the stream so players decode with the same matrix."""
+    import av
+    from av.video.reformatter import ColorRange, Colorspace
+
+    probe = av.VideoFrame.from_ndarray(np.zeros((2, 2, 3), np.uint8), format="rgb24")
+    try:
+        probe.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
+    except TypeError:  # older PyAV without colour-range arguments: untagged swscale default (BT.601)
+        return lambda frame: av.VideoFrame.from_ndarray(frame, format="rgb24")
+    ctx = stream.codec_context
+    ctx.colorspace, ctx.color_range, ctx.color_primaries, ctx.color_trc = 1, 1, 1, 1  # AVCOL_*_BT709, MPEG range
+
+    def convert(frame: np.ndarray):
+        rgb = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        return rgb.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
+
+    return convert
+
+
+def _palette_frame(frame: np.ndarray):
+    """A pal8 frame with its own adaptive 256-colour palette (Pillow median cut + dithering)."""
+    import av
+    from PIL import Image
+
+    indexed = Image.fromarray(frame).quantize(colors=256)
+    rgb = np.zeros((256, 3), np.uint8)
+    palette = np.frombuffer(bytes(indexed.getpalette()), np.uint8).reshape(-1, 3)[:256]
+    rgb[: len(palette)] = palette
+    argb = np.concatenate([np.full((256, 1), 255, np.uint8), rgb], axis=1)
+    return av.VideoFrame.from_ndarray((np.ascontiguousarray(np.asarray(indexed)), argb), format="pal8")
+
+
+def _write_pillow(
+    frames: Iterator[np.ndarray],
+    path: Path,
+    fmt: str,
+    rate: Fraction,
+    quality: int,
+    callback: Callable[[int], None] | None,
+) -> None:
+    from PIL import Image
+
+    images = []
+    for frame in frames:
+        images.append(Image.fromarray(frame))
+        if callback is not None:
+            callback(len(images))
+    duration = round(1000 / float(rate))
+    options = {"quality": quality} if fmt == "webp" else {}
+    images[0].save(path, format=fmt.upper(), save_all=True, append_images=images[1:], duration=duration, loop=0, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+
+
+def _reserve_temp(target: Path) -> Path:
+    """Create an empty hidden ``.name.<random>.partial`` file next to ``target`` (normal umask permissions)."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.stem}.{secrets.token_hex(4)}.partial")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file in {target.parent}")
+
+
+def _candidates(target: Path) -> Iterator[Path]:
+    yield target
+    for i in range(1, _MAX_COUNTER + 1):
+        yield target.with_name(f"{target.stem}_{i:05d}{target.suffix}")
+
+
+def _publish(tmp: Path, target: Path, overwrite: bool) -> Path:
+    """Move the finished temporary file into place without ever replacing an existing file."""
+    if overwrite:
+        os.replace(tmp, target)
+        return target
+    for candidate in _candidates(target):
+        try:
+            os.link(tmp, candidate)  # atomic "create if absent"
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this filesystem: check, then rename (Windows rename refuses to replace)
+            if candidate.exists():
+                continue
+            try:
+                os.rename(tmp, candidate)
+            except FileExistsError:
+                continue
+            return candidate
+        tmp.unlink()
+        return candidate
+    raise FileExistsError(f"{target.name} and its {_MAX_COUNTER} numbered variants all exist; choose another name")

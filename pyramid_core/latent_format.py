@@ -120,8 +120,8 @@ def decode_latents(
     vae.decode_to_host(
         raw,
         temporal_chunk=True,
-        window_size=window_size or default_window,
-        tile_sample_min_size=tile_sample_min_size or default_tile,
+        window_size=default_window if window_size is None else window_size,
+        tile_sample_min_size=default_tile if tile_sample_min_size is None else tile_sample_min_size,
         tiling=tiling,
         host=host,
         frame_callback=collect,

@@ -308,9 +308,15 @@ class PyramidFlowPipeline:
     def encode_video(self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """[B,3,F,H,W] pixels in [-1,1] (F = 8k+1) -> DiT-space latents (posterior mean unless `sample`)."""
         self._require_vae()
+        frames = pixels.shape[2]
+        if (frames - 1) % 8:
+            raise ValueError(
+                f"the causal VAE encodes 8k+1 frames (1, 9, 17, 25, ...); got {frames}: drop "
+                f"{(frames - 1) % 8} frame(s) or add {8 - (frames - 1) % 8}"
+            )
         with self.memory.use("vae") as vae:
             vae_dtype = next(vae.parameters()).dtype
-            posterior = vae.encode(pixels.to(self.device, vae_dtype), temporal_chunk=pixels.shape[2] > 17)
+            posterior = vae.encode(pixels.to(self.device, vae_dtype), temporal_chunk=frames > 17)
             raw = posterior.sample(generator=generator) if sample else posterior.mean
         return normalize_latents(raw, self.family)
 

@@ -183,3 +183,19 @@ def test_text_to_image_with_temp_one(pipelines):
     frames = pipelines["miniflux_tiny"].generate(PROMPT, height=64, width=64, temp=1, num_inference_steps=1,
                                                   output_type="pil", seed=5)
     assert len(frames) == 1 and frames[0].size == (64, 64)
+
+
+def test_bf16_run_rounds_timesteps_and_steps_like_the_official_autocast_path():
+    """Under bf16 the DiT sees the timestep cast to bf16 (986.54 -> 988) and gets bf16 latents."""
+    pipe = PyramidFlowPipeline.from_pretrained(model_dir("miniflux_tiny"), dtype=torch.bfloat16, device="cpu")
+    seen = []
+    handle = pipe.dit.register_forward_hook(lambda m, args, out: seen.append((args[1].clone(), args[0][-1].dtype, out.dtype)))
+    try:
+        latents = pipe.generate(PROMPT, height=64, width=64, temp=1, num_inference_steps=[20, 1, 1],
+                                output_type="latent", seed=0)
+    finally:
+        handle.remove()
+    first_stage = [int(t[0].item()) if t[0] == t[0].round() else t[0].item() for t, _, _ in seen[:20]]
+    assert first_stage == [1000, 988, 972, 960, 948, 932, 920, 904, 892, 880, 864, 852, 840, 824, 812, 800, 784, 772, 756, 744]
+    assert all(t.dtype == torch.bfloat16 and x == torch.bfloat16 and o == torch.bfloat16 for t, x, o in seen)
+    assert latents.dtype == torch.bfloat16 and torch.isfinite(latents.float()).all()

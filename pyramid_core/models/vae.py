@@ -71,10 +71,11 @@ class CausalConv3d(nn.Module):
 
 
 class CausalGroupNorm(nn.GroupNorm):
-    """GroupNorm applied to every frame separately, computed in fp32 (as autocast does).
+    """GroupNorm applied to every frame separately, computed in fp32 (as CUDA autocast does).
 
     ``silu=True`` fuses the following SiLU in fp32 before the cast back to the input dtype, which is
-    what the official bf16 autocast run feeds to the next convolution.
+    what the official bf16 autocast run feeds to the next convolution (bit-identical on CPU with the
+    official code under an emulation of the CUDA autocast cast policy).
     """
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:  # type: ignore[override]

@@ -1,0 +1,7 @@
+"""`python -m pyramid_core generate|demo`: see `pyramid_core.cli`."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

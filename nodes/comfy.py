@@ -1,0 +1,306 @@
+"""The one place that touches ComfyUI (`comfy.*`, `folder_paths`, `latent_preview`, `comfy_api`).
+
+Every other module calls the functions here. Without ComfyUI (tests, the command line, a plain
+Python session) each function falls back to a small standalone equivalent, so the nodes import
+and run anywhere. `bind()` (re)reads the environment; tests call it after installing a double.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MODEL_FOLDER = "pyramidflow"  # models/pyramidflow: official Hugging Face folders
+DIFFUSION_MODELS = "diffusion_models"  # single-file DiTs (Kijai's repacks)
+VAE_FOLDER = "vae"  # single-file VAEs
+MODEL_EXTENSIONS = {".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt", ".json"}
+STANDALONE_MODELS_ENV = "PYRAMID_FLOW_MODELS_DIR"  # standalone: where models/ lives (default ./models)
+STANDALONE_OUTPUT_ENV = "PYRAMID_FLOW_OUTPUT_DIR"  # standalone: where videos go (default ./output)
+
+HAVE_COMFY = False
+_mm: Any = None  # comfy.model_management
+_patcher_cls: Any = None  # comfy.model_patcher.ModelPatcher
+_utils: Any = None  # comfy.utils
+_args: Any = None  # comfy.cli_args.args
+_preview_none: Any = None  # comfy.cli_args.LatentPreviewMethod.NoPreviews
+_folder_paths: Any = None
+_latent_preview: Any = None
+_video_api: Any = None  # comfy_api.latest (InputImpl, Types), absent on ComfyUI before mid-2025
+
+
+def _optional(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def bind() -> bool:
+    """Import ComfyUI's modules if they are importable; returns whether ComfyUI is present."""
+    global HAVE_COMFY, _mm, _patcher_cls, _utils, _args, _preview_none, _folder_paths, _latent_preview, _video_api
+    mm = _optional("comfy.model_management")
+    patcher = _optional("comfy.model_patcher")
+    folder_paths = _optional("folder_paths")
+    if mm is None or patcher is None or folder_paths is None:
+        HAVE_COMFY, _mm, _patcher_cls, _utils, _args, _preview_none = False, None, None, None, None, None
+        _folder_paths = _latent_preview = _video_api = None
+        return False
+    HAVE_COMFY = True
+    _mm, _patcher_cls, _folder_paths = mm, patcher.ModelPatcher, folder_paths
+    _utils = _optional("comfy.utils")
+    cli_args = _optional("comfy.cli_args")
+    _args = getattr(cli_args, "args", None)
+    _preview_none = getattr(getattr(cli_args, "LatentPreviewMethod", None), "NoPreviews", None)
+    _latent_preview = _optional("latent_preview")
+    _video_api = _optional("comfy_api.latest")
+    register_model_folders()
+    return True
+
+
+# ----------------------------------------------------------------------------------------- devices
+
+
+def _standalone_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def torch_device() -> torch.device:
+    """Where models compute."""
+    return _mm.get_torch_device() if HAVE_COMFY else _standalone_device()
+
+
+def dit_offload_device() -> torch.device:
+    return _mm.unet_offload_device() if HAVE_COMFY else torch.device("cpu")
+
+
+def vae_devices() -> tuple[torch.device, torch.device]:
+    """(load device, offload device) for VAEs."""
+    if HAVE_COMFY:
+        return _mm.vae_device(), _mm.vae_offload_device()
+    return _standalone_device(), torch.device("cpu")
+
+
+def text_encoder_devices() -> tuple[torch.device, torch.device]:
+    """(load device, offload device) for text encoders."""
+    if HAVE_COMFY:
+        return _mm.text_encoder_device(), _mm.text_encoder_offload_device()
+    return _standalone_device(), torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where node outputs (IMAGE, LATENT) live."""
+    return _mm.intermediate_device() if HAVE_COMFY else torch.device("cpu")
+
+
+def total_memory(device: torch.device) -> int:
+    """Bytes of memory on `device` (0 when unknown)."""
+    if HAVE_COMFY:
+        return int(_mm.get_total_memory(device))
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return 0
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if HAVE_COMFY:
+        return int(_mm.get_free_memory(device))
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return 0
+
+
+# ------------------------------------------------------------------------------- model management
+
+
+class StandalonePatcher:
+    """Without ComfyUI: the subset of `ModelPatcher` the nodes use (moves the whole model)."""
+
+    def __init__(self, model: torch.nn.Module, load_device: torch.device, offload_device: torch.device, size: int = 0):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.size = size or sum(t.nbytes for t in model.state_dict().values())
+
+    def model_size(self) -> int:
+        return self.size
+
+    def current_loaded_device(self) -> torch.device:
+        for param in self.model.parameters():
+            return param.device
+        return self.offload_device
+
+    def loaded_size(self) -> int:
+        return self.size if self.current_loaded_device() == self.load_device else 0
+
+    def detach(self, unpatch_all: bool = True) -> torch.nn.Module:
+        self.model.to(self.offload_device)
+        return self.model
+
+
+def make_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> Any:
+    """Wrap a module so ComfyUI's model management sees it (size = its state dict bytes)."""
+    size = sum(t.nbytes for t in module.state_dict().values())
+    if HAVE_COMFY:
+        return _patcher_cls(module, load_device=load_device, offload_device=offload_device, size=size)
+    return StandalonePatcher(module, load_device, offload_device, size)
+
+
+def load_models(patchers: list[Any], memory_required: int = 0, force_full_load: bool = True) -> None:
+    """Put models on their load device, letting ComfyUI evict others first."""
+    if HAVE_COMFY:
+        _mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=force_full_load)
+        return
+    for patcher in patchers:
+        patcher.model.to(patcher.load_device)
+
+
+def unload_model(patcher: Any) -> None:
+    """Move one model back to its offload device (and out of ComfyUI's loaded list)."""
+    if HAVE_COMFY:
+        _mm.unload_model_and_clones(patcher)
+        return
+    patcher.detach()
+
+
+def free_memory(memory_required: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload other models until `memory_required` bytes are free on `device`."""
+    if HAVE_COMFY and device.type != "cpu":
+        _mm.free_memory(memory_required, device)
+
+
+def soft_empty_cache() -> None:
+    if HAVE_COMFY:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------ progress, cancel, preview
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel (no-op standalone)."""
+    if HAVE_COMFY:
+        _mm.throw_exception_if_processing_interrupted()
+
+
+class _SilentProgress:
+    def __init__(self, total: int):
+        self.total, self.current = total, 0
+
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        self.current = value
+
+
+def progress_bar(total: int) -> Any:
+    """A progress bar with `update_absolute(value, total=None, preview=None)`."""
+    if HAVE_COMFY and _utils is not None:
+        return _utils.ProgressBar(total)
+    return _SilentProgress(total)
+
+
+def previews_enabled() -> bool:
+    """Whether the user asked for sampling previews (`--preview-method` or the UI setting)."""
+    if not HAVE_COMFY or _args is None:
+        return False
+    method = getattr(_args, "preview_method", None)
+    return method is not None and method != _preview_none and str(getattr(method, "value", method)) != "none"
+
+
+def preview_payload(image: Any) -> Any:
+    """A PIL image in the form ComfyUI's progress hook sends to the browser."""
+    max_size = getattr(_latent_preview, "MAX_PREVIEW_RESOLUTION", 512) if _latent_preview else 512
+    return ("JPEG", image, max_size)
+
+
+# --------------------------------------------------------------------------------------- folders
+
+
+def _standalone_models_dir() -> Path:
+    return Path(os.environ.get(STANDALONE_MODELS_ENV, "models")).expanduser()
+
+
+def register_model_folders() -> None:
+    """Make `models/pyramidflow` a ComfyUI model folder (extra_model_paths.yaml entries are kept)."""
+    if not HAVE_COMFY:
+        return
+    fp = _folder_paths
+    fp.add_model_folder_path(MODEL_FOLDER, os.path.join(fp.models_dir, MODEL_FOLDER))
+    paths, extensions = fp.folder_names_and_paths[MODEL_FOLDER]
+    fp.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | MODEL_EXTENSIONS)
+
+
+def folder_paths_for(kind: str) -> list[Path]:
+    """Every folder configured for a model kind (`pyramidflow`, `diffusion_models`, `vae`)."""
+    if HAVE_COMFY:
+        try:
+            return [Path(p) for p in _folder_paths.get_folder_paths(kind)]
+        except KeyError:
+            return []
+    return [_standalone_models_dir() / kind]
+
+
+def list_files(kind: str) -> list[str]:
+    """Model files of a kind, as relative names (ComfyUI's own listing when present)."""
+    if HAVE_COMFY:
+        try:
+            return list(_folder_paths.get_filename_list(kind))
+        except KeyError:
+            return []
+    names = []
+    for folder in folder_paths_for(kind):
+        if folder.is_dir():
+            names += [str(p.relative_to(folder)) for p in sorted(folder.rglob("*"))
+                      if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS - {".json"}]
+    return names
+
+
+def full_path(kind: str, name: str) -> Path | None:
+    if HAVE_COMFY:
+        found = _folder_paths.get_full_path(kind, name)
+        return Path(found) if found else None
+    for folder in folder_paths_for(kind):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def output_directory() -> Path:
+    if HAVE_COMFY:
+        return Path(_folder_paths.get_output_directory())
+    return Path(os.environ.get(STANDALONE_OUTPUT_ENV, "output")).expanduser()
+
+
+def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, int, str]:
+    """(folder, file name stem, counter, subfolder) for a new output file, ComfyUI's numbering."""
+    out = output_directory()
+    if HAVE_COMFY:
+        folder, stem, counter, subfolder, _ = _folder_paths.get_save_image_path(prefix, str(out), width, height)
+        return Path(folder), stem, counter, subfolder
+    subfolder, stem = os.path.split(os.path.normpath(prefix))
+    folder = out / subfolder
+    if not folder.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"filename_prefix {prefix!r} points outside the output folder {out}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, stem, 1, subfolder
+
+
+def metadata_disabled() -> bool:
+    return bool(HAVE_COMFY and _args is not None and getattr(_args, "disable_metadata", False))
+
+
+# ------------------------------------------------------------------------------------------ video
+
+
+def native_video(images: torch.Tensor, fps: float) -> Any:
+    """ComfyUI's VIDEO object for IMAGE frames, or None where this ComfyUI has no VIDEO type."""
+    api = _video_api
+    if api is None or not hasattr(api, "InputImpl") or not hasattr(api, "Types"):
+        return None
+    components = api.Types.VideoComponents(images=images, frame_rate=Fraction(fps).limit_denominator(1000))
+    return api.InputImpl.VideoFromComponents(components)
+
+
+bind()

@@ -1,0 +1,165 @@
+"""Loader nodes: an official model folder (or a single-file DiT) and single-file VAEs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import comfy as host
+from .managed import OFFLOAD_MODES, ManagedModel, PyramidFlowModel, PyramidFlowTextEncoder, PyramidFlowVAE
+
+CATEGORY = "PyramidFlow"
+SINGLE_FILE_PREFIX = "diffusion_models/"
+NO_MODEL = (
+    "(none found) put an official folder such as pyramid-flow-miniflux in models/pyramidflow/, "
+    "or a single-file DiT in models/diffusion_models/"
+)
+NO_VAE = "(none found) put pyramid_flow_vae_bf16.safetensors in models/vae/"
+VARIANTS = ("384p", "768p", "image")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": "fp8"}
+ATTENTION_BACKENDS = ("segmented", "masked")
+FAMILY_CHOICES = {"miniflux": "flux", "sd3": "mmdit"}
+
+
+def _model_folders() -> dict[str, Path]:
+    """Official root folders (those holding a diffusion_transformer_* subfolder) by name."""
+    found: dict[str, Path] = {}
+    for base in host.folder_paths_for(host.MODEL_FOLDER):
+        if not base.is_dir():
+            continue
+        for entry in sorted(base.iterdir()):
+            if entry.is_dir() and any(p.is_dir() and p.name.startswith("diffusion_transformer_") for p in entry.iterdir()):
+                found.setdefault(entry.name, entry)
+    return found
+
+
+def model_choices() -> list[str]:
+    """Loader list: official folders, then single files; a hint entry when there is nothing."""
+    files = [SINGLE_FILE_PREFIX + name for name in host.list_files(host.DIFFUSION_MODELS)]
+    return list(_model_folders()) + files or [NO_MODEL]
+
+
+def vae_choices() -> list[str]:
+    return host.list_files(host.VAE_FOLDER) or [NO_VAE]
+
+
+def _where(kind: str) -> str:
+    return ", ".join(str(p) for p in host.folder_paths_for(kind)) or f"models/{kind}"
+
+
+def resolve_model(choice: str) -> Path:
+    """The folder or file a loader entry names (clear error for the hint entry or a vanished one)."""
+    if choice.startswith(SINGLE_FILE_PREFIX):
+        path = host.full_path(host.DIFFUSION_MODELS, choice[len(SINGLE_FILE_PREFIX):])
+    else:
+        path = _model_folders().get(choice)
+    if path is None:
+        raise FileNotFoundError(
+            f"model {choice!r} not found. Put an official Pyramid Flow folder (e.g. rain1011/pyramid-flow-miniflux) "
+            f"in {_where(host.MODEL_FOLDER)}, or a single-file DiT (e.g. Kijai's pyramid_flow_miniflux_bf16_v2."
+            f"safetensors) in {_where(host.DIFFUSION_MODELS)}, then refresh the node list"
+        )
+    return path
+
+
+def _weight_dtypes(precision: str) -> tuple[torch.dtype | str, torch.dtype, torch.dtype]:
+    """(DiT weight dtype, compute dtype, VAE/text-encoder dtype) for the precision widget."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    weights = PRECISIONS[precision]
+    compute = torch.bfloat16 if precision == "fp8" else weights
+    return weights, compute, torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+class PyramidFlowCoreModelLoader:
+    DESCRIPTION = (
+        "Loads a Pyramid Flow DiT from models/pyramidflow (official folder: also gives its VAE and text "
+        "encoder) or a single file from models/diffusion_models. ComfyUI manages its memory."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("PYRAMIDFLOW_MODEL", "PYRAMIDFLOW_VAE", "PYRAMIDFLOW_TEXT_ENCODER")
+    RETURN_NAMES = ("model", "vae", "text_encoder")
+    OUTPUT_TOOLTIPS = (
+        "the DiT",
+        "the folder's causal video VAE (None for a single file: use the VAE loader)",
+        "the folder's CLIP + T5 (None for a single file: use a CLIP loader)",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (model_choices(), {"tooltip": "official folder in models/pyramidflow, or diffusion_models/<file>"}),
+                "variant": (list(VARIANTS), {"default": "384p", "tooltip": "DiT variant folder (a label for single files)"}),
+                "precision": (list(PRECISIONS), {"default": "bf16",
+                              "tooltip": "bf16 = official; fp16 gives black videos; fp32 for GPUs without bf16; fp8 halves DiT memory"}),
+                "offload": (list(OFFLOAD_MODES), {"default": "auto",
+                            "tooltip": "auto: whole model when it fits, else block swap; none: keep on GPU; model: swap "
+                                       "whole models; block_swap: stream DiT blocks; sequential: stream every layer (least VRAM)"}),
+                "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 0.5,
+                                   "tooltip": "block_swap/sequential: GPU memory to use (0 = what is free)"}),
+                "resident_blocks": ("INT", {"default": 0, "min": 0, "max": 64,
+                                    "tooltip": "block_swap: DiT blocks kept on the GPU (0 = from the budget)"}),
+                "attention": (list(ATTENTION_BACKENDS), {"default": "segmented",
+                              "tooltip": "segmented: fused SDPA kernels per frame (fast, low memory); masked: the official dense mask"}),
+            }
+        }
+
+    def load(self, model, variant, precision, offload, vram_budget_gb=0.0, resident_blocks=0, attention="segmented"):
+        from pyramid_core.loading import load_dit, load_vae, resolve_model_folder
+
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+        path = resolve_model(model)
+        weights, compute, side_dtype = _weight_dtypes(precision)
+        loaded = load_dit(path, variant, dtype=weights)
+        loaded.model.attention_mode = attention
+        dit = ManagedModel.wrap(loaded.model, compute, host.torch_device(), host.dit_offload_device())
+        result = PyramidFlowModel(dit, loaded.family, loaded.variant, compute, offload, float(vram_budget_gb),
+                                  int(resident_blocks), str(path))
+        vae = text_encoder = None
+        if path.is_dir():
+            folder = resolve_model_folder(path)
+            if folder.vae is not None:
+                vae_model = load_vae(folder.root, dtype=side_dtype).model
+                vae = PyramidFlowVAE(ManagedModel.wrap(vae_model, side_dtype, *host.vae_devices()), loaded.family, side_dtype)
+            if folder.text_encoders:
+                text_encoder = PyramidFlowTextEncoder(folder.root, loaded.family, side_dtype)
+        return (result, vae, text_encoder)
+
+
+class PyramidFlowCoreVAELoader:
+    DESCRIPTION = "Loads a single-file Pyramid Flow causal video VAE from models/vae (e.g. Kijai's pyramid_flow_vae_bf16)."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("PYRAMIDFLOW_VAE",)
+    RETURN_NAMES = ("vae",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": (vae_choices(), {"tooltip": "file in models/vae"}),
+                "precision": (["bf16", "fp32"], {"default": "bf16"}),
+                "latent_family": (list(FAMILY_CHOICES), {"default": "miniflux",
+                                  "tooltip": "which DiT the latents belong to (first-frame latent factors differ)"}),
+            }
+        }
+
+    def load(self, vae, precision, latent_family):
+        from pyramid_core.loading import load_vae
+
+        path = host.full_path(host.VAE_FOLDER, vae)
+        if path is None:
+            raise FileNotFoundError(
+                f"VAE {vae!r} not found. Put pyramid_flow_vae_bf16.safetensors (Kijai/pyramid-flow-comfy) in "
+                f"{_where(host.VAE_FOLDER)}, then refresh the node list"
+            )
+        if latent_family not in FAMILY_CHOICES:
+            raise ValueError(f"latent_family must be one of {', '.join(FAMILY_CHOICES)}, got {latent_family!r}")
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        model = load_vae(path, dtype=dtype).model
+        return (PyramidFlowVAE(ManagedModel.wrap(model, dtype, *host.vae_devices()), FAMILY_CHOICES[latent_family], dtype),)

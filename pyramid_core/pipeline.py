@@ -116,19 +116,27 @@ class PyramidFlowPipeline:
         offload: str = "none",
         load_text_encoder: bool = True,
         load_vae: bool = True,
+        budget_gb: float | None = None,
+        resident_blocks: int | None = None,
+        prefetch: int = 2,
     ) -> "PyramidFlowPipeline":
         """Load an official model folder (rain1011/pyramid-flow-miniflux or -sd3 layout).
 
-        `offload`: a memory plan name (see `pyramid_core.memory`). Weights are loaded on the host
-        and placed by the memory plan.
+        `offload`: a memory plan name - none, model, block_swap, sequential or auto (see
+        `pyramid_core.memory`). Weights are loaded on the host and placed by the memory plan.
+        `budget_gb`: device budget for 'auto' (default: free device memory minus a margin);
+        `resident_blocks` / `prefetch`: K and the streamed-block slots of 'block_swap'.
         """
-        from .loading import load_dit, load_vae, resolve_model_folder
+        from .loading import load_dit, load_vae as load_vae_model, resolve_model_folder
 
         folder = resolve_model_folder(path)
         loaded = load_dit(folder.root, variant, dtype=dtype)
-        vae = load_vae(folder.root, dtype=dtype).model if load_vae else None
+        vae = load_vae_model(folder.root, dtype=dtype).model if load_vae else None
         text_encoder = PyramidTextEncoder.from_folder(folder.root, loaded.family, dtype=dtype) if load_text_encoder else None
-        memory = MemoryManager(plan=offload, device=torch.device(device) if device else default_device())
+        memory = MemoryManager(
+            plan=offload, device=torch.device(device) if device else default_device(),
+            budget_gb=budget_gb, resident_blocks=resident_blocks, prefetch=prefetch,
+        )
         return cls(loaded.model.eval(), vae.eval() if vae is not None else None, text_encoder,
                    loaded.family, loaded.variant, dtype, memory)
 
@@ -206,13 +214,14 @@ class PyramidFlowPipeline:
             raise ValueError("one video per call: pass a single prompt and num_images_per_prompt=1")
         streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
         do_cfg = guidance_scale > 0
+        self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)
         text = self._text(prompt, negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg)
 
         noise = self._initial_noise(temp, height, width, streams.noise)
         unit_guidance = (
             linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp) if use_linear_guidance else None
         )
-        with self.memory.use("dit") as dit:
+        with self.memory.oom_guard("sampling"), self.memory.use("dit") as dit:
             sampler = self._sampler(dit, streams, step_callback, unit_callback, callback)
             latents = sampler.sample(
                 noise, text, first_frame_steps=first_steps, video_steps=video_steps,
@@ -269,17 +278,19 @@ class PyramidFlowPipeline:
             if input_image is None:
                 raise ValueError("generate_i2v needs input_image (or image_latent)")
             pixels, width, height = prepare_image(input_image, width, height)
+            self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)
             noise = self._initial_noise(temp, height, width, streams.noise)
             image_latent = self.encode_image(pixels, generator=streams.global_)
         else:
             _, _, _, h, w = image_latent.shape
             width, height = width or w * VAE_DOWNSAMPLE, height or h * VAE_DOWNSAMPLE
             check_resolution(width, height)
+            self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)
             noise = self._initial_noise(temp, height, width, streams.noise)
         unit_guidance = (
             linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp + 1) if use_linear_guidance else None
         )
-        with self.memory.use("dit") as dit:
+        with self.memory.oom_guard("sampling"), self.memory.use("dit") as dit:
             sampler = self._sampler(dit, streams, step_callback, unit_callback, callback)
             latents = sampler.sample(
                 noise, text, first_frame_steps=steps, video_steps=steps, guidance_scale=guidance_scale,
@@ -327,19 +338,20 @@ class PyramidFlowPipeline:
         if output_type == "latent":
             return latents
         self._require_vae()
-        with self.memory.use("vae") as vae:
+        window, tile = self.memory.vae_decode_settings(save_memory)
+        with self.memory.oom_guard("decoding"), self.memory.use("vae") as vae:
             if output_type == "float":
-                frames = self._decode_float(vae, latents, save_memory, tiling)
+                frames = self._decode_float(vae, latents, window, tile, tiling)
             else:
-                frames = decode_latents(vae, latents.to(self.device), self.family, save_memory=save_memory, tiling=tiling)
+                frames = decode_latents(vae, latents.to(self.device), self.family, save_memory=save_memory, tiling=tiling,
+                                        window_size=window, tile_sample_min_size=tile)
         if output_type == "np":
             return frames.numpy()
         if output_type == "pil":
             return [Image.fromarray(frame) for frame in frames.numpy()]
         return frames
 
-    def _decode_float(self, vae, latents, save_memory, tiling) -> torch.Tensor:
-        window, tile = (1, 256) if save_memory else (2, 512)
+    def _decode_float(self, vae, latents, window, tile, tiling) -> torch.Tensor:
         raw = denormalize_latents(latents.to(self.device), self.family)
         pieces: list[torch.Tensor] = []
         vae.decode_to_host(

@@ -199,3 +199,18 @@ def test_bf16_run_rounds_timesteps_and_steps_like_the_official_autocast_path():
     assert first_stage == [1000, 988, 972, 960, 948, 932, 920, 904, 892, 880, 864, 852, 840, 824, 812, 800, 784, 772, 756, 744]
     assert all(t.dtype == torch.bfloat16 and x == torch.bfloat16 and o == torch.bfloat16 for t, x, o in seen)
     assert latents.dtype == torch.bfloat16 and torch.isfinite(latents.float()).all()
+
+
+def test_components_can_be_left_out():
+    pipe = PyramidFlowPipeline.from_pretrained(model_dir("miniflux_tiny"), dtype=torch.float32, device="cpu",
+                                               load_vae=False, load_text_encoder=False)
+    assert pipe.vae is None and pipe.text_encoder is None
+    with pytest.raises(ValueError, match="no text encoder"):
+        pipe.generate(PROMPT, height=64, width=64)
+    with pytest.raises(ValueError, match="no VAE"):
+        pipe.decode(torch.zeros(1, 16, 1, 8, 8))
+
+
+def test_encode_video_needs_8k_plus_1_frames(pipelines):
+    with pytest.raises(ValueError, match="8k\\+1 frames"):
+        pipelines["miniflux_tiny"].encode_video(torch.zeros(1, 3, 4, 32, 32))

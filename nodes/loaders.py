@@ -16,8 +16,9 @@ NO_MODEL = (
 )
 NO_VAE = "(none found) put pyramid_flow_vae_bf16.safetensors in models/vae/"
 VARIANTS = ("384p", "768p", "image")
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": "fp8"}
-ATTENTION_BACKENDS = ("segmented", "masked")
+PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
+# segmented = fused per-frame SDPA; sage / flash = the same path on those kernels; masked = official dense mask
+ATTENTION_BACKENDS = ("segmented", "masked", "sage", "flash")
 FAMILY_CHOICES = {"miniflux": "flux", "sd3": "mmdit"}
 
 
@@ -62,13 +63,9 @@ def resolve_model(choice: str) -> Path:
     return path
 
 
-def _weight_dtypes(precision: str) -> tuple[torch.dtype | str, torch.dtype, torch.dtype]:
-    """(DiT weight dtype, compute dtype, VAE/text-encoder dtype) for the precision widget."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    weights = PRECISIONS[precision]
-    compute = torch.bfloat16 if precision == "fp8" else weights
-    return weights, compute, torch.float32 if precision == "fp32" else torch.bfloat16
+def _side_dtype(precision: str) -> torch.dtype:
+    """VAE / text-encoder dtype for the precision widget (fp32 for fp32, and for fp16 whose VAE range is unchecked)."""
+    return torch.float32 if precision in ("fp32", "fp16") else torch.bfloat16
 
 
 class PyramidFlowCoreModelLoader:
@@ -93,7 +90,7 @@ class PyramidFlowCoreModelLoader:
                 "model": (model_choices(), {"tooltip": "official folder in models/pyramidflow, or diffusion_models/<file>"}),
                 "variant": (list(VARIANTS), {"default": "384p", "tooltip": "DiT variant folder (a label for single files)"}),
                 "precision": (list(PRECISIONS), {"default": "bf16",
-                              "tooltip": "bf16 = official; fp16 gives black videos; fp32 for GPUs without bf16; fp8 halves DiT memory"}),
+                              "tooltip": "bf16 = official; fp16 for GPUs without bf16 (residual streams kept in fp32); fp32; fp8 halves DiT memory"}),
                 "offload": (list(OFFLOAD_MODES), {"default": "auto",
                             "tooltip": "auto: whole model when it fits, else block swap; none: keep on GPU; model: swap "
                                        "whole models; block_swap: stream DiT blocks; sequential: stream every layer (least VRAM)"}),
@@ -102,21 +99,27 @@ class PyramidFlowCoreModelLoader:
                 "resident_blocks": ("INT", {"default": 0, "min": 0, "max": 64,
                                     "tooltip": "block_swap: DiT blocks kept on the GPU (0 = from the budget)"}),
                 "attention": (list(ATTENTION_BACKENDS), {"default": "segmented",
-                              "tooltip": "segmented: fused SDPA kernels per frame (fast, low memory); masked: the official dense mask"}),
+                              "tooltip": "segmented: fused SDPA kernels per frame (fast, low memory); sage / flash: the same on SageAttention / flash-attn (pip install sageattention / flash-attn); masked: the official dense mask"}),
             }
         }
 
     def load(self, model, variant, precision, offload, vram_budget_gb=0.0, resident_blocks=0, attention="segmented"):
-        from pyramid_core.loading import load_dit, load_vae, resolve_model_folder
+        from pyramid_core.loading import load_vae, resolve_model_folder
+        from pyramid_core.precision import load_dit_for_precision, set_attention_backend
 
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         path = resolve_model(model)
-        weights, compute, side_dtype = _weight_dtypes(precision)
-        loaded = load_dit(path, variant, dtype=weights)
-        loaded.model.attention_mode = attention
+        loaded, compute = load_dit_for_precision(path, variant, precision=precision)
+        side_dtype = _side_dtype(precision)
+        if attention == "masked":
+            loaded.model.attention_mode = "masked"
+        else:
+            set_attention_backend(loaded.model, "sdpa" if attention == "segmented" else attention)
         dit = ManagedModel.wrap(loaded.model, compute, host.torch_device(), host.dit_offload_device())
         result = PyramidFlowModel(dit, loaded.family, loaded.variant, compute, offload, float(vram_budget_gb),
                                   int(resident_blocks), str(path))

@@ -881,8 +881,15 @@ def _target_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
     return targets
 
 
-def _convert(tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+def _is_float8(dtype: torch.dtype) -> bool:
+    return "float8" in str(dtype)
+
+
+def _convert(
+    tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device, keep_float8: bool = False
+) -> torch.Tensor:
+    cast = dtype is not None and tensor.is_floating_point() and not (keep_float8 and _is_float8(tensor.dtype))
+    target = dtype if cast else tensor.dtype
     # Narrow before moving (less to transfer), widen after.
     if _itemsize(target) <= tensor.element_size():
         return tensor.to(dtype=target).to(device=device)
@@ -899,10 +906,11 @@ def fill_meta_model(
     ignore: Iterable[str] = (),
     rename: Mapping[str, str] | None = None,
     description: str = "model",
+    keep_float8: bool = False,
 ) -> nn.Module:
     """Replace every parameter/buffer of a (meta-device) model by the checkpoint's tensor, cast per tensor.
 
-    `dtype=None` keeps stored dtypes; floating tensors only are cast. `ignore` lists file keys to drop when the
+    `dtype=None` keeps stored dtypes; floating tensors only are cast; `keep_float8` leaves float8 tensors as stored. `ignore` lists file keys to drop when the
     model lacks them; `rename` maps file key -> model key. Strict: missing, unexpected and mis-shaped keys are
     reported together. Parameters end with requires_grad=False; an error is raised if anything stays on meta.
     """
@@ -939,7 +947,7 @@ def fill_meta_model(
 
     for name, key in file_for_model.items():
         module, attr, is_param = targets[name]
-        value = _convert(reader.get_tensor(key), dtype, device)
+        value = _convert(reader.get_tensor(key), dtype, device, keep_float8)
         if is_param:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
@@ -976,6 +984,7 @@ def _load(
     dtype: torch.dtype | str | None,
     device: str | torch.device,
     strict: bool,
+    keep_float8: bool = False,
 ) -> LoadedModel:
     model = _build_on_meta(family, config, reader.source)
     rename = None
@@ -990,6 +999,7 @@ def _load(
         ignore=_IGNORABLE_KEYS[family],
         rename=rename,
         description=f"{FAMILY_NAMES[family]} ({type(model).__name__})",
+        keep_float8=keep_float8,
     )
     return LoadedModel(model, family, variant, config, reader.source, reader.dtypes())
 
@@ -1000,7 +1010,7 @@ def _wrong_kind_error(path: Path, found: str, wanted: str) -> CheckpointError:
 
 
 def _load_component(
-    path: Path, *, want_vae: bool, variant: str | None, dtype, device, strict: bool
+    path: Path, *, want_vae: bool, variant: str | None, dtype, device, strict: bool, keep_float8: bool = False
 ) -> LoadedModel:
     """Load from a component folder (config.json + weights) or a single file."""
     wanted = FAMILY_NAMES["vae"] if want_vae else "DiT"
@@ -1022,7 +1032,9 @@ def _load_component(
             config = _finish_config(family, folder_config, config_path)
         else:
             config = derive_config(family, reader)
-        return _load(reader, family, config, variant=variant, dtype=dtype, device=device, strict=strict)
+        return _load(
+            reader, family, config, variant=variant, dtype=dtype, device=device, strict=strict, keep_float8=keep_float8
+        )
 
 
 def _is_component_dir(path: Path) -> bool:
@@ -1042,11 +1054,13 @@ def load_dit(
     dtype: torch.dtype | str | None = torch.bfloat16,
     device: str | torch.device = "cpu",
     strict: bool = True,
+    keep_float8: bool = False,
 ) -> LoadedModel:
     """Load a Pyramid Flow DiT from an official root folder, a variant subfolder, or a single file.
 
     `variant` picks the folder in a root (optional when only one is present); for a single file it is only a
     label (default `diffusion_transformer_384p`, the variant cannot be read from the weights).
+    `keep_float8`: float8 tensors (Kijai's fp8 files) stay float8 while the rest is cast to `dtype`.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -1054,14 +1068,18 @@ def load_dit(
     if path.is_dir() and not _is_component_dir(path):
         folder = resolve_model_folder(path)
         dit_dir = folder.dit_path(variant)
-        return _load_component(dit_dir, want_vae=False, variant=dit_dir.name, dtype=dtype, device=device, strict=strict)
+        return _load_component(
+            dit_dir, want_vae=False, variant=dit_dir.name, dtype=dtype, device=device, strict=strict,
+            keep_float8=keep_float8,
+        )
     label = resolve_variant(variant)
     if path.is_dir() and path.name.startswith("diffusion_transformer_"):
         if label is not None and label != path.name:
             raise CheckpointError(f"{path} is the {path.name} folder but variant {label} was requested")
         label = path.name
     return _load_component(
-        path, want_vae=False, variant=label or DEFAULT_VARIANT, dtype=dtype, device=device, strict=strict
+        path, want_vae=False, variant=label or DEFAULT_VARIANT, dtype=dtype, device=device, strict=strict,
+        keep_float8=keep_float8,
     )
 
 

@@ -338,3 +338,23 @@ def test_bad_input_gets_errors_that_name_the_fix(comfy, base, tmp_path):
     assert len(choices) == 1 and "models/pyramidflow/" in choices[0]
     with pytest.raises(FileNotFoundError, match="pyramidflow"):
         load(choices[0])
+
+
+@pytest.mark.parametrize("precision, attention", [("fp8", "segmented"), ("fp16", "masked"), ("bf16", "segmented")])
+def test_loader_precisions_and_attention_choices_run(comfy, precision, attention):
+    from pyramid_core.precision import has_fp8_weights
+
+    model, vae, text_encoder = M["PyramidFlowCoreModelLoader"]().load(
+        "pyramid-flow-miniflux", "384p", precision, "none", 0.0, 0, attention)
+    assert has_fp8_weights(model.dit.module) == (precision == "fp8")
+    assert model.dit.module.attention_mode == ("masked" if attention == "masked" else "segmented")
+    latents = sample(model, encode(text_encoder), temp=2)["samples"]
+    assert torch.isfinite(latents.float()).all()
+    frames = M["PyramidFlowCoreVAEDecode"]().decode(vae, {"samples": latents}, "auto", "auto")[0]
+    assert frames.shape == (9, 64, 64, 3) and torch.isfinite(frames).all()
+
+
+def test_loader_names_a_missing_attention_library(comfy, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "sageattention", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install sageattention"):
+        M["PyramidFlowCoreModelLoader"]().load("pyramid-flow-miniflux", "384p", "bf16", "none", 0.0, 0, "sage")

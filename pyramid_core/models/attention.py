@@ -10,14 +10,20 @@ Along the joint sequence [text; clip tokens, oldest first] the frame index never
 per sample, one unmasked attention call per frame segment (queries of frame f against the
 valid text plus all video tokens up to the end of frame f). Every call has no mask, so SDPA can
 pick flash / memory-efficient kernels. `masked_attention` is the plain reference path.
+
+The unmasked kernel is pluggable (`set_attention_backend`): PyTorch SDPA (default), SageAttention
+or flash-attn, or any registered function taking [B, H, L, D] q/k/v (Lq may differ from Lk).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .layers import FP16_MAX, pow2_scale
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -118,13 +124,109 @@ def segmented_attention(
 ATTENTION_MODES = ("segmented", "masked")
 
 
+@torch.compiler.disable  # data-dependent Python loop over frames: keep it out of compiled block graphs
 def joint_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, mode: str = "segmented",
-    attend: AttentionFn = sdpa,
+    attend: AttentionFn = sdpa, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Dispatch to the fused segmented path (default) or the dense-mask reference path."""
+    """Dispatch to the fused segmented path (default) or the dense-mask reference path.
+
+    `dtype`: kernel dtype (None = as given). The result comes back in v's dtype. Going from wider v to
+    fp16, v is divided per (sample, head) by a power of two when it would not fit fp16 (attention is
+    linear in v, so the scale is undone exactly afterwards); q and k are RMS-normalised, hence bounded.
+    """
+    out_dtype, v_scale = v.dtype, None
+    if dtype is not None and (q.dtype, k.dtype, v.dtype) != (dtype, dtype, dtype):
+        if dtype == torch.float16 and v.dtype != torch.float16:
+            v_scale = pow2_scale(v, (-2, -1), limit=FP16_MAX / 4).clamp_min(1.0).to(v.dtype)
+            v = v / v_scale
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if mode == "segmented":
-        return segmented_attention(q, k, v, layout, attend)
-    if mode == "masked":
-        return masked_attention(q, k, v, layout)
-    raise ValueError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
+        out = segmented_attention(q, k, v, layout, attend)
+    elif mode == "masked":
+        out = masked_attention(q, k, v, layout)
+    else:
+        raise ValueError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
+    out = out.to(out_dtype)
+    return out if v_scale is None else out * v_scale
+
+
+# --------------------------------------------------------------------------------------------
+# pluggable kernels for the segmented path
+
+
+def _needs_half_on_cuda(q: torch.Tensor, backend: str) -> torch.dtype:
+    """Kernel dtype for a half-only CUDA library: the input's if half, else bf16."""
+    if not q.is_cuda:
+        raise RuntimeError(f"attention backend {backend!r} runs on CUDA only; use set_attention_backend(model, 'sdpa')")
+    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _sage_backend() -> AttentionFn:
+    sageattn = _import("sageattention", "sage", "sageattention").sageattn
+
+    def sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kernel_dtype = _needs_half_on_cuda(q, "sage")
+        out = sageattn(q.to(kernel_dtype), k.to(kernel_dtype), v.to(kernel_dtype), tensor_layout="HND", is_causal=False)
+        return out.to(q.dtype)
+
+    return sage
+
+
+def _flash_backend() -> AttentionFn:
+    flash_attn_func = _import("flash_attn", "flash", "flash-attn").flash_attn_func
+
+    def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kernel_dtype = _needs_half_on_cuda(q, "flash")
+        # flash-attn wants [B, L, H, D]
+        q_, k_, v_ = (t.to(kernel_dtype).transpose(1, 2) for t in (q, k, v))
+        return flash_attn_func(q_, k_, v_, dropout_p=0.0, causal=False).transpose(1, 2).to(q.dtype)
+
+    return flash
+
+
+def _import(module: str, backend: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"attention backend {backend!r} needs the {package!r} package: pip install {package} "
+            "(or use set_attention_backend(model, 'sdpa'))"
+        ) from exc
+
+
+_BACKEND_FACTORIES: dict[str, Callable[[], AttentionFn]] = {
+    "sdpa": lambda: sdpa,
+    "sage": _sage_backend,
+    "flash": _flash_backend,
+}
+
+
+def attention_backends() -> list[str]:
+    """Names accepted by `set_attention_backend` (built-in and registered)."""
+    return list(_BACKEND_FACTORIES)
+
+
+def register_attention_backend(name: str, fn: AttentionFn) -> None:
+    """Make `fn(q, k, v) -> out` ([B, H, L, D], unmasked, scale 1/sqrt(D)) selectable as `name`."""
+    _BACKEND_FACTORIES[name] = lambda: fn
+
+
+def resolve_attention_backend(name: str) -> AttentionFn:
+    """The kernel function for a backend name; ImportError naming the pip package when it is missing."""
+    if name not in _BACKEND_FACTORIES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_BACKEND_FACTORIES)}")
+    return _BACKEND_FACTORIES[name]()
+
+
+def set_attention_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Run the DiT's segmented attention with backend `name` ('sdpa' | 'sage' | 'flash' | registered)."""
+    fn = resolve_attention_backend(name)
+    if name != "sdpa" and getattr(model, "attention_mode", "segmented") != "segmented":
+        raise ValueError(
+            f"attention backend {name!r} plugs into the segmented path, but this model uses attention_mode="
+            f"{model.attention_mode!r} (the dense-mask reference, SDPA only); set model.attention_mode = 'segmented'"
+        )
+    model.attention_fn = fn
+    model.attention_backend = name
+    return model

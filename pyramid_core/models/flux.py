@@ -2,6 +2,10 @@
 
 Input is the list of clips of one pyramid stage, oldest / lowest resolution first and the current
 noisy clip last, each [B, 16, t, h, w]. Output is the velocity for the current clip only.
+
+dtypes: the clips' dtype is the compute dtype (Linear / attention kernels). The residual streams
+(image, text, joint) run in `residual_dtype` (None = `residual_dtype_for(compute)`: fp32 under fp16,
+otherwise the compute dtype, which is the official flow).
 """
 from __future__ import annotations
 
@@ -16,9 +20,11 @@ from .layers import (
     AdaLayerNormZeroSingle,
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
+    Linear,
     RMSNorm,
     apply_rope,
     clip_positions,
+    residual_dtype_for,
     rope_cos_sin,
 )
 
@@ -31,21 +37,21 @@ class FluxDoubleAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (Linear(dim, heads * head_dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (Linear(dim, heads * head_dim) for _ in range(3))
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
-        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Dropout(0.0)])
-        self.to_add_out = nn.Linear(heads * head_dim, dim)
+        self.to_out = nn.ModuleList([Linear(heads * head_dim, dim), nn.Dropout(0.0)])
+        self.to_add_out = Linear(heads * head_dim, dim)
 
-    def forward(self, x, context, rope, layout, mode, attend):
+    def forward(self, x, context, rope, layout, mode, attend, attention_dtype=None):
         q, k, v = _heads(self, x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         cq, ck, cv = _heads(
             self, context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
         )
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # video only: text positions are 0 (identity)
         out = joint_attention(
-            torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), layout, mode, attend
+            torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), layout, mode, attend, attention_dtype
         )
         out = out.transpose(1, 2).flatten(2)
         text_len = context.shape[1]
@@ -58,15 +64,15 @@ class FluxSingleAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (Linear(dim, heads * head_dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
 
-    def forward(self, s, rope, layout, mode, attend):
+    def forward(self, s, rope, layout, mode, attend, attention_dtype=None):
         q, k, v = _heads(self, s, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         text_len = layout.text_len  # text positions are 0: the rotation is the identity there
         q = torch.cat([q[:, :, :text_len], apply_rope(q[:, :, text_len:], *rope)], dim=2)
         k = torch.cat([k[:, :, :text_len], apply_rope(k[:, :, text_len:], *rope)], dim=2)
-        return joint_attention(q, k, v, layout, mode, attend).transpose(1, 2).flatten(2)
+        return joint_attention(q, k, v, layout, mode, attend, attention_dtype).transpose(1, 2).flatten(2)
 
 
 def _heads(attn, x, to_q, to_k, to_v, norm_q, norm_k):
@@ -86,14 +92,19 @@ class FluxTransformerBlock(nn.Module):
         self.norm1 = AdaLayerNormZero(dim)
         self.norm1_context = AdaLayerNormZero(dim)
         self.attn = FluxDoubleAttention(dim, heads, head_dim)
-        self.ff = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
-        self.ff_context = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
+        self.ff = FeedForward(dim, dim)
+        self.ff_context = FeedForward(dim, dim)
 
-    def forward(self, x, context, temb, rope, layout, mode="segmented", attend: AttentionFn = sdpa):
-        dtype = x.dtype
+    def forward(
+        self, x, context, temb, rope, layout, mode="segmented", attend: AttentionFn = sdpa, attention_dtype=None
+    ):
+        """`attention_dtype`: attention kernel dtype (None = the residual dtype x carries)."""
+        dtype = x.dtype  # residual dtype: the Linears take it (fp32 under fp16 compute: see layers.Linear)
         x_mod, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, temb)
         c_mod, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, temb)
-        attn_out, context_attn_out = self.attn(x_mod.to(dtype), c_mod.to(dtype), rope, layout, mode, attend)
+        attn_out, context_attn_out = self.attn(
+            x_mod.to(dtype), c_mod.to(dtype), rope, layout, mode, attend, attention_dtype
+        )
 
         x = x + gate_msa * attn_out
         x_mod = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6) * (1 + scale_mlp) + shift_mlp
@@ -102,7 +113,7 @@ class FluxTransformerBlock(nn.Module):
         context = context + c_gate_msa * context_attn_out
         c_mod = F.layer_norm(context.float(), (context.shape[-1],), eps=1e-6) * (1 + c_scale_mlp) + c_shift_mlp
         context = context + c_gate_mlp * self.ff_context(c_mod.to(dtype))
-        if context.dtype == torch.float16:  # official overflow guard
+        if context.dtype == torch.float16:  # official overflow guard (fp16 residual streams only)
             context = context.clip(-65504, 65504)
         return context, x
 
@@ -114,15 +125,15 @@ class FluxSingleTransformerBlock(nn.Module):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
         self.norm = AdaLayerNormZeroSingle(dim)
-        self.proj_mlp = nn.Linear(dim, mlp_dim)
+        self.proj_mlp = Linear(dim, mlp_dim)
         self.attn = FluxSingleAttention(dim, heads, head_dim)
-        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+        self.proj_out = Linear(dim + mlp_dim, dim)
 
-    def forward(self, s, temb, rope, layout, mode="segmented", attend: AttentionFn = sdpa):
+    def forward(self, s, temb, rope, layout, mode="segmented", attend: AttentionFn = sdpa, attention_dtype=None):
         s_mod, gate = self.norm(s, temb)
         s_mod = s_mod.to(s.dtype)
         mlp = F.gelu(self.proj_mlp(s_mod), approximate="tanh")
-        attn = self.attn(s_mod, rope, layout, mode, attend)
+        attn = self.attn(s_mod, rope, layout, mode, attend, attention_dtype)
         s = s + gate * self.proj_out(torch.cat([attn, mlp], dim=2))
         if s.dtype == torch.float16:
             s = s.clip(-65504, 65504)
@@ -173,9 +184,10 @@ class PyramidFluxTransformer(nn.Module):
         self.axes_dims_rope = list(axes_dims_rope)
         self.attention_mode = "segmented"
         self.attention_fn: AttentionFn = sdpa
+        self.residual_dtype: torch.dtype | None = None  # None: residual_dtype_for(compute dtype)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
-        self.context_embedder = nn.Linear(joint_attention_dim, dim)
-        self.x_embedder = nn.Linear(in_channels, dim)
+        self.context_embedder = Linear(joint_attention_dim, dim)
+        self.x_embedder = Linear(in_channels, dim)
         self.transformer_blocks = nn.ModuleList(
             FluxTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)
         )
@@ -183,7 +195,7 @@ class PyramidFluxTransformer(nn.Module):
             FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers)
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim)
-        self.proj_out = nn.Linear(dim, patch_size * patch_size * in_channels)  # config patch 1: 64 = 2*2*16
+        self.proj_out = Linear(dim, patch_size * patch_size * in_channels)  # config patch 1: 64 = 2*2*16
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -201,13 +213,14 @@ class PyramidFluxTransformer(nn.Module):
         """Velocity for the current (last) clip, [B, C, t, h, w], from history + current clips."""
         current = clips[-1]
         dtype = current.dtype
+        residual = self.residual_dtype or residual_dtype_for(dtype)
         batch, text_len = encoder_hidden_states.shape[:2]
         if encoder_attention_mask is None:
             encoder_attention_mask = torch.ones(batch, text_len, dtype=torch.long, device=current.device)
 
-        temb = self.time_text_embed(timestep, pooled_projections)
-        context = self.context_embedder(encoder_hidden_states)
-        x = self.x_embedder(torch.cat([patchify(clip) for clip in clips], dim=1).to(dtype))
+        temb = self.time_text_embed(timestep, pooled_projections).to(residual)
+        context = self.context_embedder(encoder_hidden_states.to(residual))
+        x = self.x_embedder(torch.cat([patchify(clip) for clip in clips], dim=1).to(residual))
 
         positions, frame_ids = clip_positions(clips, PATCH_SIZE)
         rope = rope_cos_sin(positions, self.axes_dims_rope)  # video tokens; text sits at the origin
@@ -215,12 +228,12 @@ class PyramidFluxTransformer(nn.Module):
         mode, attend = self.attention_mode, self.attention_fn
 
         for block in self.transformer_blocks:
-            context, x = block(x, context, temb, rope, layout, mode, attend)
+            context, x = block(x, context, temb, rope, layout, mode, attend, dtype)
         s = torch.cat([context, x], dim=1)
         for block in self.single_transformer_blocks:
-            s = block(s, temb, rope, layout, mode, attend)
+            s = block(s, temb, rope, layout, mode, attend, dtype)
 
         _, _, t, h, w = current.shape
         current_tokens = s[:, -t * (h // 2) * (w // 2) :]  # only the current clip is read out
-        out = self.proj_out(self.norm_out(current_tokens, temb).to(dtype))
-        return unpatchify(out, t, h, w)
+        out = self.proj_out(self.norm_out(current_tokens, temb).to(residual))
+        return unpatchify(out.to(dtype), t, h, w)

@@ -3,6 +3,11 @@
 Parameter names follow the official checkpoints, so state dicts load with no renaming.
 Numerics follow the official bf16 autocast path: LayerNorm runs in fp32 and the modulated
 activations stay fp32 until the next Linear; RMSNorm reduces in fp32; RoPE is applied in fp32.
+
+Mixed precision: every Linear here accepts activations wider than its weights (fp32 activations,
+fp16 weights). The product then runs in the weight dtype and the result comes back in the
+activation dtype. That is how the DiTs run fp16 without overflow: the residual streams stay fp32
+(`residual_dtype_for`) while every matmul and attention kernel still runs in fp16.
 """
 from __future__ import annotations
 
@@ -10,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # diffusers' embedding/FF modules carry the official parameter names
-    from diffusers.models.attention import FeedForward
+try:  # diffusers' embedding module carries the official parameter names
     from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 except ImportError as exc:  # pragma: no cover - diffusers is a hard dependency
     raise ImportError("pyramid_core needs diffusers>=0.30: pip install diffusers") from exc
@@ -22,12 +26,85 @@ __all__ = [
     "AdaLayerNormZeroSingle",
     "CombinedTimestepTextProjEmbeddings",
     "FeedForward",
+    "Linear",
     "RMSNorm",
     "apply_rope",
     "clip_positions",
     "layer_norm_fp32",
+    "mixed_precision_linear",
+    "pow2_scale",
+    "residual_dtype_for",
     "rope_cos_sin",
 ]
+
+FP16_MAX = 65504.0
+
+
+def residual_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
+    """Default dtype of the residual streams for a compute dtype: fp32 under fp16, else unchanged.
+
+    fp16 residual streams overflow (FACTS 8.1: NaN / black video); bf16 and fp32 keep the official flow.
+    """
+    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
+
+
+def pow2_scale(x: torch.Tensor, dim, limit: float = 1.0) -> torch.Tensor:
+    """Power-of-two divisor per slice (over `dim`) bringing max|x| to <= `limit`; exact to apply and undo."""
+    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dim, keepdim=True).float()
+    return torch.exp2(torch.ceil(torch.log2(amax.clamp_min(torch.finfo(torch.float32).tiny) / limit)))
+
+
+def mixed_precision_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias`, the product in the weight's dtype, the result in x's dtype.
+
+    Equal dtypes: plain `F.linear`. fp16 weights with wider activations: each input row is divided by a
+    power of two >= its max magnitude, so the fp16 operand holds no inf and every output element is
+    bounded by the L1 norm of a weight row; the scale is undone and the bias added in x's dtype.
+    """
+    if x.dtype == weight.dtype:
+        return F.linear(x, weight, bias)
+    if weight.dtype == torch.float16 and x.dtype in (torch.float32, torch.float64):
+        scale = pow2_scale(x, -1).to(x.dtype)
+        operand = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+        torch.div(x, scale, out=operand)  # scale and narrow in one pass
+        product = F.linear(operand, weight)
+        if bias is None:
+            return torch.mul(product, scale)  # widens to x's dtype
+        return torch.addcmul(bias.to(x.dtype), product, scale)
+    out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+    return out.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that also takes activations wider than its weights (see `mixed_precision_linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mixed_precision_linear(x, self.weight, self.bias)
+
+
+class GELUProjection(nn.Module):
+    """Linear + tanh-approximate GELU (the first layer of the official FeedForward, `net.0.proj`)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """dim -> 4*dim -> GELU(tanh) -> dim_out, with diffusers' parameter names (`net.0.proj`, `net.2`)."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([GELUProjection(dim, inner), nn.Dropout(0.0), Linear(inner, dim_out or dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
 
 
 class RMSNorm(nn.Module):
@@ -66,7 +143,7 @@ class AdaLayerNormZero(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, 6 * dim)
+        self.linear = Linear(dim, 6 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor):
         """Returns (modulated x (fp32), gate_msa, shift_mlp, scale_mlp, gate_mlp), vectors [B,1,D]."""
@@ -80,7 +157,7 @@ class AdaLayerNormZeroSingle(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, 3 * dim)
+        self.linear = Linear(dim, 3 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor):
         emb = self.linear(F.silu(temb)).to(x.dtype)[:, None]
@@ -93,7 +170,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int):
         super().__init__()
-        self.linear = nn.Linear(cond_dim, 2 * dim)
+        self.linear = Linear(cond_dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         emb = self.linear(F.silu(temb).to(x.dtype)).to(x.dtype)[:, None]

@@ -4,6 +4,9 @@ Same calling convention as the miniFLUX DiT: clips of one stage (history oldest 
 clip last) -> velocity of the current clip. Spatial positions come from the stored 2-D sin-cos
 table (cropped around the centre, resized for lower-resolution history); temporal positions
 from a RoPE over the whole head dim.
+
+dtypes as in the miniFLUX DiT: the clips' dtype is the compute dtype, the residual streams run in
+`residual_dtype` (None = fp32 under fp16, otherwise the compute dtype = official flow).
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ from .layers import (
     AdaLayerNormZero,
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
+    Linear,
     RMSNorm,
     apply_rope,
     clip_positions,
+    residual_dtype_for,
     rope_cos_sin,
 )
 
@@ -82,14 +87,14 @@ class JointAttention(nn.Module):
         super().__init__()
         head_dim = dim // heads
         self.heads = heads
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (Linear(dim, dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-5, cast_to_input=True), RMSNorm(head_dim, 1e-5, cast_to_input=True)
-        self.add_k_proj, self.add_v_proj, self.add_q_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.add_k_proj, self.add_v_proj, self.add_q_proj = (Linear(dim, dim) for _ in range(3))
         self.norm_add_q = RMSNorm(head_dim, 1e-5, cast_to_input=True)
         self.norm_add_k = RMSNorm(head_dim, 1e-5, cast_to_input=True)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.to_out = nn.ModuleList([Linear(dim, dim), nn.Dropout(0.0)])
         if not context_pre_only:
-            self.to_add_out = nn.Linear(dim, dim)
+            self.to_add_out = Linear(dim, dim)
         self.context_pre_only = context_pre_only
 
     def _split(self, x, to_q, to_k, to_v, norm_q, norm_k):
@@ -97,11 +102,13 @@ class JointAttention(nn.Module):
         q, k, v = norm_q(to_q(x).view(shape)), norm_k(to_k(x).view(shape)), to_v(x).view(shape)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, context, rope, layout, mode, attend):
+    def forward(self, x, context, rope, layout, mode, attend, attention_dtype=None):
         q, k, v = self._split(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         cq, ck, cv = self._split(context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_add_q, self.norm_add_k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # text sits at frame 0: identity rotation
-        out = joint_attention(torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), layout, mode, attend)
+        out = joint_attention(
+            torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), layout, mode, attend, attention_dtype
+        )
         out = out.transpose(1, 2).flatten(2)
         text_len = context.shape[1]
         context_out = None if self.context_pre_only else self.to_add_out(out[:, :text_len])
@@ -117,18 +124,23 @@ class JointTransformerBlock(nn.Module):
         self.norm1 = AdaLayerNormZero(dim)
         self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
         self.attn = JointAttention(dim, heads, context_pre_only)
-        self.ff = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
+        self.ff = FeedForward(dim, dim)
         if not context_pre_only:
-            self.ff_context = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
+            self.ff_context = FeedForward(dim, dim)
 
-    def forward(self, x, context, temb, rope, layout, mode="segmented", attend: AttentionFn = sdpa):
-        dtype = x.dtype
+    def forward(
+        self, x, context, temb, rope, layout, mode="segmented", attend: AttentionFn = sdpa, attention_dtype=None
+    ):
+        """`attention_dtype`: attention kernel dtype (None = the residual dtype x carries)."""
+        dtype = x.dtype  # residual dtype: the Linears take it (fp32 under fp16 compute: see layers.Linear)
         x_mod, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, temb)
         if self.context_pre_only:
             c_mod = self.norm1_context(context, temb)
         else:
             c_mod, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, temb)
-        attn_out, context_attn_out = self.attn(x_mod.to(dtype), c_mod.to(dtype), rope, layout, mode, attend)
+        attn_out, context_attn_out = self.attn(
+            x_mod.to(dtype), c_mod.to(dtype), rope, layout, mode, attend, attention_dtype
+        )
 
         x = x + gate_msa * attn_out
         x_mod = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6) * (1 + scale_mlp) + shift_mlp
@@ -187,14 +199,15 @@ class PyramidMMDiT(nn.Module):
         self.head_dim = attention_head_dim
         self.attention_mode = "segmented"
         self.attention_fn: AttentionFn = sdpa
+        self.residual_dtype: torch.dtype | None = None  # None: residual_dtype_for(compute dtype)
         self.pos_embed = PatchEmbed(in_channels, dim, patch_size, pos_embed_max_size, sample_size // patch_size)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
-        self.context_embedder = nn.Linear(joint_attention_dim, caption_projection_dim)
+        self.context_embedder = Linear(joint_attention_dim, caption_projection_dim)
         self.transformer_blocks = nn.ModuleList(
             JointTransformerBlock(dim, num_attention_heads, context_pre_only=i == num_layers - 1) for i in range(num_layers)
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim)
-        self.proj_out = nn.Linear(dim, patch_size * patch_size * in_channels)
+        self.proj_out = Linear(dim, patch_size * patch_size * in_channels)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -212,25 +225,26 @@ class PyramidMMDiT(nn.Module):
         """Velocity for the current (last) clip, [B, C, t, h, w], from history + current clips."""
         current = clips[-1]
         dtype = current.dtype
+        residual = self.residual_dtype or residual_dtype_for(dtype)
         batch, text_len = encoder_hidden_states.shape[:2]
         if encoder_attention_mask is None:
             encoder_attention_mask = torch.ones(batch, text_len, dtype=torch.long, device=current.device)
         p = self.patch_size
 
-        temb = self.time_text_embed(timestep, pooled_projections)
-        context = self.context_embedder(encoder_hidden_states)
-        x = self.pos_embed(clips).to(dtype)
+        temb = self.time_text_embed(timestep, pooled_projections).to(residual)
+        context = self.context_embedder(encoder_hidden_states.to(residual))
+        x = self.pos_embed(clips).to(residual)
 
         positions, frame_ids = clip_positions(clips, p, axes="t")
         rope = rope_cos_sin(positions, [self.head_dim])
         layout = TokenLayout(encoder_attention_mask.bool(), frame_ids)
         mode, attend = self.attention_mode, self.attention_fn
         for block in self.transformer_blocks:
-            context, x = block(x, context, temb, rope, layout, mode, attend)
+            context, x = block(x, context, temb, rope, layout, mode, attend, dtype)
 
         _, c, t, h, w = current.shape
         current_tokens = x[:, -t * (h // p) * (w // p) :]
-        out = self.proj_out(self.norm_out(current_tokens, temb).to(dtype))
+        out = self.proj_out(self.norm_out(current_tokens, temb).to(residual)).to(dtype)
         out = out.reshape(batch, t, h // p, w // p, p, p, c)
         return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, c, t, h, w)
 

@@ -98,11 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--video-guidance", type=float, default=None, help=f"guidance of later frames (default {DEFAULT_VIDEO_GUIDANCE:g}; image-to-video {DEFAULT_I2V_VIDEO_GUIDANCE:g})")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     _add_output_arguments(gen)
-    gen.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weights/compute precision (default bf16, as trained)")
+    gen.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
+                     help="compute precision (default bf16, as trained; fp16 for GPUs without bf16: residual streams stay fp32)")
+    gen.add_argument("--fp8", choices=("row", "tensor"), default=None,
+                     help="store the DiT's Linear weights in float8 with per-row or per-tensor scales (half the memory)")
+    gen.add_argument("--attention", choices=("sdpa", "sage", "flash"), default="sdpa",
+                     help="attention kernel of the fused frame-causal attention (sage/flash need their pip package)")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--offload", default="none", metavar="PLAN",
                      help=f"memory plan, one of {', '.join(PLANS)} (default none: everything stays on the device; "
                      "model: each model on the device only while it runs)")
+    gen.add_argument("--budget-gb", type=float, default=None, help="GPU memory budget for --offload auto/block_swap (GiB; default: free memory)")
+    gen.add_argument("--resident-blocks", type=int, default=None, help="--offload block_swap: DiT blocks kept on the GPU")
     gen.add_argument("--out", required=True, help="output file: .mp4, .webm, .webp, .gif, or .png for a still image (never overwritten)")
 
     demo = commands.add_parser(
@@ -151,6 +158,10 @@ class GenerationRequest:
     dtype: torch.dtype = torch.bfloat16
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     offload: str = "none"
+    fp8: str | None = None
+    attention: str = "sdpa"
+    budget_gb: float | None = None
+    resident_blocks: int | None = None
 
     @property
     def writes_image(self) -> bool:
@@ -234,9 +245,6 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
             f"{out.name} is a still image but temp {temp} makes a {frames_for_temp(temp)}-frame video; "
             "use --temp 1 (or --variant image) or a .mp4/.webm/.webp/.gif name"
         )
-    if args.dtype == "fp16":
-        warnings.warn("fp16 is known to give NaN/black videos with Pyramid Flow; use bf16 (or fp32)", stacklevel=2)
-
     video_guidance = args.video_guidance
     if video_guidance is None:
         video_guidance = DEFAULT_I2V_VIDEO_GUIDANCE if image is not None else DEFAULT_VIDEO_GUIDANCE
@@ -248,6 +256,7 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
         steps=steps, video_steps=video_steps, guidance=args.guidance, video_guidance=video_guidance, seed=seed,
         negative_prompt=args.negative_prompt, image=image, fps=args.fps, format=fmt, quality=args.quality,
         dtype=DTYPES[args.dtype], device=_check_device(args.device), offload=_check_offload(args.offload),
+        fp8=args.fp8, attention=args.attention, budget_gb=args.budget_gb, resident_blocks=args.resident_blocks,
     )
 
 
@@ -362,7 +371,9 @@ def run_generation(request: GenerationRequest, log: TextIO | None = None) -> Run
           f"offload {request.offload})", file=log, flush=True)
     with quiet_transformers():
         pipe = PyramidFlowPipeline.from_pretrained(
-            request.model, request.variant, dtype=request.dtype, device=request.device, offload=request.offload
+            request.model, request.variant, dtype=request.dtype, device=request.device, offload=request.offload,
+            fp8=request.fp8, attention_backend=request.attention, budget_gb=request.budget_gb,
+            resident_blocks=request.resident_blocks,
         )
     loaded = time.perf_counter()
     mode = "image-to-video" if request.image is not None else ("text-to-image" if request.temp == 1 else "text-to-video")
@@ -519,10 +530,13 @@ def main(argv: Sequence[str] | None = None, log: TextIO | None = None) -> int:
         except (KeyboardInterrupt, GenerationCancelled):
             print("\ncancelled; no file was written", file=sys.stderr)
             return EXIT_CANCELLED
-        except torch.cuda.OutOfMemoryError:
-            print("error: out of GPU memory; try --offload model, a smaller size or a shorter --temp", file=sys.stderr)
+        except torch.cuda.OutOfMemoryError as exc:
+            # the memory module's message names the plan and budget to use; a raw CUDA one does not
+            hint = str(exc) if "offload" in str(exc) else "try --offload auto (or model), a smaller size or a shorter --temp"
+            print(f"error: out of GPU memory; {hint}", file=sys.stderr)
             return 1
-        except (UsageError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        except (UsageError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+                ImportError) as exc:
             if os.environ.get("PYRAMID_CORE_TRACEBACK"):  # for bug reports: the full stack instead of one line
                 raise
             print(f"error: {exc}", file=sys.stderr)

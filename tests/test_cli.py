@@ -232,3 +232,30 @@ def test_tiny_model_is_seeded_and_tokenizes_like_the_real_one(tmp_path):
     assert t5[4:] == [0] * 124 and mask == [1] * 4 + [0] * 124
     with pytest.raises(ValueError, match="not empty"):
         build_tiny_model(first)
+
+
+def test_precision_and_attention_flags_reach_the_model(tmp_path, monkeypatch, capsys):
+    from pyramid_core.cli import main
+    from pyramid_core.precision import has_fp8_weights
+    from pyramid_core import pipeline as pipeline_module
+
+    built = []
+    original = pipeline_module.PyramidFlowPipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        pipe = original(cls, *args, **kwargs)
+        built.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(pipeline_module.PyramidFlowPipeline, "from_pretrained", classmethod(spy))
+    out = tmp_path / "fp8.mp4"
+    status = main(["generate", "--model", str(model_dir("miniflux_tiny")), "--prompt", "a cat", "--width", "64",
+                   "--height", "64", "--temp", "2", "--steps", "1", "--video-steps", "1", "--seed", "1",
+                   "--device", "cpu", "--fp8", "row", "--out", str(out)])
+    assert status == 0 and out.exists()
+    assert has_fp8_weights(built[0].dit) and built[0].dit.attention_backend == "sdpa"
+    monkeypatch.setitem(__import__("sys").modules, "sageattention", None)
+    status = main(["generate", "--model", str(model_dir("miniflux_tiny")), "--prompt", "a cat", "--width", "64",
+                   "--height", "64", "--temp", "2", "--device", "cpu", "--attention", "sage",
+                   "--out", str(tmp_path / "sage.mp4")])
+    assert status == 2 and "pip install sageattention" in capsys.readouterr().err

@@ -136,3 +136,19 @@ def test_mmdit_rejects_a_grid_beyond_its_position_table(tiny_models):
     too_big = torch.zeros(1, 16, 1, 2 * 26, 2 * 26)  # 26 tokens per side > 24
     with pytest.raises(ValueError, match="smaller resolution"):
         dit([too_big], torch.ones(1), torch.zeros(1, 4, 64), None, torch.zeros(1, 144))
+
+
+@pytest.mark.parametrize("model", list(MODEL_CLASSES))
+def test_fused_path_reads_the_layout_from_the_device_once_per_forward(tiny_models, model, monkeypatch):
+    """Frame segments and text-mask groups are computed once, not in every block (no per-block device sync)."""
+    calls = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or original(self))
+    case_id = f"{model}/dit/t2v_unit2_stage2_step1"
+    entry, t = case(case_id), tensors(case_id)
+    dit = tiny_models[model]
+    dit.attention_mode = "segmented"
+    with torch.no_grad():
+        dit([t[n] for n in entry["inputs"]["sample"][0]], t["timestep_ratio"], t["encoder_hidden_states"],
+            t["encoder_attention_mask"], t["pooled_projections"])
+    assert len(calls) <= 2, f"{len(calls)} tolist() calls in one forward"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -50,13 +51,33 @@ class TokenLayout:
 
     def frame_segments(self) -> list[tuple[int, int]]:
         """[start, end) ranges of video tokens sharing one frame index, in sequence order."""
+        return list(self.segments)
+
+    # Computed once per DiT forward (the layout is shared by every block), so the per-block attention
+    # calls never synchronise with the device to read the frame ids or the text mask.
+    @cached_property
+    def segments(self) -> tuple[tuple[int, int], ...]:
         ids = self.frame_ids.tolist()
         segments, start = [], 0
         for i in range(1, len(ids) + 1):
             if i == len(ids) or ids[i] != ids[start]:
                 segments.append((start, i))
                 start = i
-        return segments
+        return tuple(segments)
+
+    @cached_property
+    def sample_groups(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]:
+        """(rows, valid text positions, padded text positions) per group of samples with equal text masks."""
+        device = self.text_mask.device
+        groups: dict[tuple, list[int]] = {}
+        for b, row in enumerate(self.text_mask.tolist()):
+            groups.setdefault(tuple(row), []).append(b)
+        result = []
+        for mask_key, rows in groups.items():
+            valid = [i for i, m in enumerate(mask_key) if m]
+            padded = [i for i, m in enumerate(mask_key) if not m]
+            result.append(tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (rows, valid, padded)))
+        return tuple(result)
 
     def dense_mask(self) -> torch.Tensor:
         """The official boolean mask [B, 1, L, L] (True = attend)."""
@@ -87,16 +108,10 @@ def segmented_attention(
     """
     text_len = layout.text_len
     out = torch.empty_like(q)
-    segments = layout.frame_segments()
-    text_mask = layout.text_mask.to(q.device)
+    segments = layout.segments
     # samples with identical text masks share every kernel call (e.g. B=1, or equal prompt lengths)
-    groups: dict[tuple, list[int]] = {}
-    for b in range(q.shape[0]):
-        groups.setdefault(tuple(text_mask[b].tolist()), []).append(b)
-    for mask_key, rows in groups.items():
-        rows_idx = torch.tensor(rows, device=q.device)
-        valid = torch.tensor([i for i, m in enumerate(mask_key) if m], dtype=torch.long, device=q.device)
-        padded = torch.tensor([i for i, m in enumerate(mask_key) if not m], dtype=torch.long, device=q.device)
+    for rows_idx, valid, padded in layout.sample_groups:
+        rows_idx, valid, padded = rows_idx.to(q.device), valid.to(q.device), padded.to(q.device)
         qb, kb, vb = (t.index_select(0, rows_idx) for t in (q, k, v))
         n_text = valid.numel()
         keys = torch.cat([kb.index_select(2, valid), kb[:, :, text_len:]], dim=2)

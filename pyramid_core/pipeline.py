@@ -223,9 +223,7 @@ class PyramidFlowPipeline:
         check_temp(temp, self.variant)
         first_steps = check_steps(num_inference_steps, "num_inference_steps")
         video_steps = check_steps(video_num_inference_steps, "video_num_inference_steps")
-        _check_output_type(output_type)
-        if num_images_per_prompt != 1 or (isinstance(prompt, list) and len(prompt) != 1):
-            raise ValueError("one video per call: pass a single prompt and num_images_per_prompt=1")
+        _check_request(prompt, num_images_per_prompt, output_type)
         streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
         do_cfg = guidance_scale > 0
         self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)
@@ -235,12 +233,11 @@ class PyramidFlowPipeline:
         unit_guidance = (
             linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp) if use_linear_guidance else None
         )
-        with self.memory.oom_guard("sampling"), self.memory.use("dit") as dit:
-            sampler = self._sampler(dit, streams, step_callback, unit_callback, callback)
-            latents = sampler.sample(
-                noise, text, first_frame_steps=first_steps, video_steps=video_steps,
-                guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale, unit_guidance=unit_guidance,
-            )
+        latents = self._sample(
+            noise, text, streams, (step_callback, unit_callback, callback), first_frame_steps=first_steps,
+            video_steps=video_steps, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
+            unit_guidance=unit_guidance,
+        )
         return self._output(latents, output_type, save_memory, vae_tiling)
 
     @torch.no_grad()
@@ -281,9 +278,7 @@ class PyramidFlowPipeline:
             raise ValueError(f"image-to-video needs temp >= 2 (the image is frame 0), got {temp!r}")
         check_temp(temp, self.variant)
         steps = check_steps(num_inference_steps, "num_inference_steps")
-        _check_output_type(output_type)
-        if num_images_per_prompt != 1 or (isinstance(prompt, list) and len(prompt) != 1):
-            raise ValueError("one video per call: pass a single prompt and num_images_per_prompt=1")
+        _check_request(prompt, num_images_per_prompt, output_type)
         streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
         do_cfg = guidance_scale > 0
         text = self._text(prompt or "", negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg)
@@ -304,13 +299,11 @@ class PyramidFlowPipeline:
         unit_guidance = (
             linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp + 1) if use_linear_guidance else None
         )
-        with self.memory.oom_guard("sampling"), self.memory.use("dit") as dit:
-            sampler = self._sampler(dit, streams, step_callback, unit_callback, callback)
-            latents = sampler.sample(
-                noise, text, first_frame_steps=steps, video_steps=steps, guidance_scale=guidance_scale,
-                video_guidance_scale=video_guidance_scale, first_frame_latent=image_latent.to(self.dtype),
-                unit_guidance=unit_guidance,
-            )
+        latents = self._sample(
+            noise, text, streams, (step_callback, unit_callback, callback), first_frame_steps=steps,
+            video_steps=steps, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
+            first_frame_latent=image_latent.to(self.dtype), unit_guidance=unit_guidance,
+        )
         return self._output(latents, output_type, save_memory, vae_tiling)
 
     # ------------------------------------------------------------------ VAE
@@ -382,16 +375,26 @@ class PyramidFlowPipeline:
         noise = torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32)
         return noise.to(device=self.device, dtype=self.dtype)
 
-    def _sampler(self, dit, streams: RandomStreams, step_callback, unit_callback, unit_start_callback) -> PyramidSampler:
-        return PyramidSampler(
-            dit, self.scheduler, self.device, self.dtype, block_noise_generator=streams.global_,
-            step_callback=step_callback, unit_callback=unit_callback, unit_start_callback=unit_start_callback,
-        )
+    def _sample(self, noise, text, streams: RandomStreams, callbacks, **settings) -> torch.Tensor:
+        """Run the pyramid sampler with the DiT placed by the memory plan (OOM turned into advice)."""
+        step_callback, unit_callback, unit_start_callback = callbacks
+        with self.memory.oom_guard("sampling"), self.memory.use("dit") as dit:
+            sampler = PyramidSampler(
+                dit, self.scheduler, self.device, self.dtype, block_noise_generator=streams.global_,
+                step_callback=step_callback, unit_callback=unit_callback, unit_start_callback=unit_start_callback,
+            )
+            return sampler.sample(noise, text, **settings)
 
     def _output(self, latents: torch.Tensor, output_type: str, save_memory: bool, tiling: bool):
         if output_type == "latent":
             return latents
         return self.decode(latents, output_type=output_type, save_memory=save_memory, tiling=tiling)
+
+
+def _check_request(prompt, num_images_per_prompt: int, output_type: str) -> None:
+    _check_output_type(output_type)
+    if num_images_per_prompt != 1 or (isinstance(prompt, list) and len(prompt) != 1):
+        raise ValueError("one video per call: pass a single prompt and num_images_per_prompt=1")
 
 
 def _check_output_type(output_type: str) -> None:

@@ -169,10 +169,10 @@ class PyramidFlowPipeline:
                 "this pipeline has no text encoder: load one (from_pretrained(..., load_text_encoder=True)) "
                 "or pass prompt_embeds"
             )
-        with self.memory.use("text_encoder") as encoder:
-            return self.text_cache.encode_for_guidance(
-                encoder, prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg
-            )
+        return self.text_cache.encode_for_guidance(
+            self.text_encoder, prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg,
+            placement=lambda: self.memory.use("text_encoder"),  # only on a cache miss: a hit never moves T5
+        )
 
     def _text(self, prompt, negative_prompt, prompt_embeds, add_suffix, do_cfg) -> TextEmbeddings:
         if prompt_embeds is None:

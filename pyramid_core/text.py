@@ -5,11 +5,12 @@ concatenated + T5-XXL. Both read the official Hugging Face folder layout (``text
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ContextManager, Literal
 
 import torch
 import transformers
@@ -399,13 +400,19 @@ class TextEmbeddingCache:
         *,
         add_suffix: bool = True,
         do_cfg: bool = True,
+        placement: Callable[[], ContextManager[PyramidTextEncoder]] | None = None,
     ) -> TextEmbeddings:
-        """``encoder.encode_for_guidance(...)`` through the cache; the result is on the CPU."""
+        """``encoder.encode_for_guidance(...)`` through the cache; the result is on the CPU.
+
+        ``placement``: a context manager factory that puts the encoder on its device (a memory plan's
+        ``use("text_encoder")``); entered only on a cache miss, so a hit never moves the encoder.
+        """
         key = self.key(encoder.identity, prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg)
         cached = self.lookup(key)
         if cached is not None:
             return cached
-        embeddings = encoder.encode_for_guidance(prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg)
+        with placement() if placement is not None else contextlib.nullcontext(encoder) as active:
+            embeddings = active.encode_for_guidance(prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg)
         self.store(key, embeddings)
         return embeddings.to("cpu")
 

@@ -214,3 +214,21 @@ def test_components_can_be_left_out():
 def test_encode_video_needs_8k_plus_1_frames(pipelines):
     with pytest.raises(ValueError, match="8k\\+1 frames"):
         pipelines["miniflux_tiny"].encode_video(torch.zeros(1, 3, 4, 32, 32))
+
+
+def test_repeated_prompt_needs_no_text_encoder(pipelines, monkeypatch):
+    pipe = pipelines["miniflux_tiny"]
+    used = []
+    original = type(pipe.memory).use
+
+    def spy(self, name):
+        used.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(type(pipe.memory), "use", spy)
+    kwargs = dict(height=64, width=64, temp=1, num_inference_steps=1, output_type="latent", seed=4)
+    first = pipe.generate("a lighthouse at dawn, unseen before", **kwargs)
+    assert used.count("text_encoder") == 1
+    second = pipe.generate("a lighthouse at dawn, unseen before", **kwargs)
+    assert used.count("text_encoder") == 1, "a cached prompt must not load (move) the text encoder again"
+    assert torch.equal(first, second)

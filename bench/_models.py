@@ -3,7 +3,7 @@
 `build_components(size)` returns a text encoder (CLIP-L + T5 through the real `PyramidTextEncoder`, with a
 hashing tokenizer), a miniFLUX DiT and the causal VAE, all on the host. size="full" uses the real shapes
 (T5-XXL, the 8 + 16 block miniFLUX, the official VAE) built on the meta device and filled tensor by
-tensor; size="small" uses a few-MB version of each for CPU runs.
+tensor; size="small" uses a few-MB version of each for CPU runs, size="tiny" a smaller one still.
 """
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ SMALL = dict(
     vae=dict(encoder_block_out_channels=(16, 16, 32, 32), decoder_block_out_channels=(16, 16, 32, 32),
              encoder_norm_num_groups=8, decoder_norm_num_groups=8),
 )
+
+TINY = dict(  # the fastest models that still run every code path (gpu_check.py's CPU self-check)
+    clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              max_position_embeddings=77, vocab_size=1000),
+    t5=dict(d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=2, vocab_size=1000),
+    dit=dict(num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+             axes_dims_rope=(8, 12, 12)),
+    vae=dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+             encoder_norm_num_groups=4, decoder_norm_num_groups=4),
+)
+SPECS = {"full": FULL, "small": SMALL, "tiny": TINY}
 
 
 class HashTokenizer:
@@ -80,8 +91,8 @@ def fill_random(module: nn.Module, dtype: torch.dtype, seed: int = 0) -> nn.Modu
 
 
 def build_components(size: str = "small", dtype: torch.dtype = torch.bfloat16):
-    """(text_encoder, dit, vae) with random weights on the host."""
-    spec = FULL if size == "full" else SMALL
+    """(text_encoder, dit, vae) with random weights on the host; size "full", "small" or "tiny"."""
+    spec = SPECS.get(size, SMALL)
     with torch.device("meta"):
         clip = CLIPTextModel(CLIPTextConfig(**spec["clip"]))
         t5 = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", **spec["t5"]))

@@ -3,7 +3,8 @@
 Runs every plan in its own process (so peak RSS is per plan) on the same random text encoder, miniFLUX DiT
 and VAE, and prints per plan: peak host RSS, the manager's peak of weights "on the device" (on CPU the
 device is the host, so this is bookkeeping of what a GPU would hold), seconds per DiT step per stage,
-end-to-end seconds, the ratio to 'none', and whether the latents are bit-identical to 'none'.
+end-to-end seconds, the ratio to 'none', and how far the latents are from 'none' (bit-identical, or the
+largest difference relative to the largest value).
 
     python bench/cpu_plans.py                      # 256x256, temp 4, steps 2 per stage
     python bench/cpu_plans.py --width 384 --height 256 --temp 6 --json cpu_plans.json
@@ -74,6 +75,8 @@ def worker(args) -> dict:
         "describe": plan.describe(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_weights_mib": memory.stats.peak_device_bytes / 2**20,
+        "pinned_or_packed_mib": memory.stats.streamed_bytes / 2**20,
+        "sync_loads": memory.stats.sync_loads,
         "weight_copies_mib": memory.stats.bytes_copied / 2**20,
         "s_per_step": {str(s): sum(t) / len(t) for s, t in step_times.items() if t},
         "sampling_s": sampled - start,
@@ -114,20 +117,24 @@ def main() -> None:
         reference = next((r for r in results if r["plan"] == "none"), results[0])
         ref_latents = torch.load(reference["latents"])
         for r in results:
-            r["same_latents_as_none"] = bool(torch.equal(torch.load(r["latents"]), ref_latents))
+            latents = torch.load(r["latents"])
+            r["same_latents_as_none"] = bool(torch.equal(latents, ref_latents))
+            r["max_rel_diff_to_none"] = float((latents - ref_latents).abs().max() / ref_latents.abs().max())
             r["ratio_to_none"] = r["end_to_end_s"] / reference["end_to_end_s"]
             del r["latents"]
 
     print(f"\n{args.width}x{args.height}, temp {args.temp}, {args.steps} steps per stage, "
           f"torch threads {torch.get_num_threads()}")
-    header = "| plan | chosen | peak RSS MiB | device weights MiB | s/step st0 | st1 | st2 | end-to-end s | x none | = none |"
+    header = ("| plan | chosen | peak RSS MiB | device weights MiB | s/step st0 | st1 | st2 | end-to-end s | x none "
+              "| vs none |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in results:
         steps = [r["s_per_step"].get(str(s), float("nan")) for s in range(3)]
         print(f"| {r['plan']} | {r['chosen']} | {r['peak_rss_mib']:.0f} | {r['peak_device_weights_mib']:.1f} | "
               f"{steps[0]:.3f} | {steps[1]:.3f} | {steps[2]:.3f} | {r['end_to_end_s']:.2f} | "
-              f"{r['ratio_to_none']:.2f} | {'yes' if r['same_latents_as_none'] else 'NO'} |")
+              f"{r['ratio_to_none']:.2f} | "
+              f"{'identical' if r['same_latents_as_none'] else format(r['max_rel_diff_to_none'], '.1e')} |")
     for r in results:
         print(f"  {r['plan']}: {r['describe']}")
     if args.json:

@@ -1,12 +1,13 @@
 """Peak host memory while loading a DiT, next to the size of the loaded model (CPU, no downloads).
 
 Writes a random-weight miniFLUX checkpoint in fp32 (the dtype of the official files), then loads it in
-bf16 with `pyramid_core.loading.load_dit` in a fresh process while a thread samples the process's
-anonymous resident memory (RssAnon: what the loader allocated; the memory-mapped file's page cache is not
-counted). Prints the peak next to the bf16 model size: the loader builds on the meta device and fills
-tensor by tensor, so the peak should stay near one bf16 copy, not fp32 + bf16.
+bf16 (or `--dtype fp32`: no cast) with `pyramid_core.loading.load_dit` in a fresh process while a thread
+samples the process's anonymous resident memory (RssAnon: what the loader allocated) and its resident
+file-backed memory (RssFile: pages of memory-mapped files, reclaimable page cache). Prints the peaks next to
+the model size: the loader builds on the meta device and fills tensor by tensor, so the peak should stay
+near one copy in the target dtype, not fp32 + bf16.
 
-    python bench/load_memory.py [--blocks 4 8] [--width 1920] [--keep-file]
+    python bench/load_memory.py [--blocks 4 8] [--heads 30] [--dtype bf16|fp32]
 """
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 GIB = 1024**3
 
 
-def rss_anon() -> int:
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def rss(kind: str = "RssAnon") -> int:
+    """RssAnon or RssFile of this process, in bytes (Linux /proc/self/status)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(f"{kind}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("RssAnon not available (Linux only)")
+    raise RuntimeError(f"{kind} not available (Linux only)")
 
 
 def write_checkpoint(folder: Path, double: int, single: int, heads: int) -> int:
@@ -52,51 +57,58 @@ def write_checkpoint(folder: Path, double: int, single: int, heads: int) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
-def measure_load(folder: str) -> dict:
-    """Run in a fresh process: load in bf16 while sampling RssAnon."""
+def measure_load(folder: str, dtype: str) -> dict:
+    """Run in a fresh process: load in `dtype` while sampling RssAnon and RssAnon + RssFile."""
     from pyramid_core.loading import load_dit
 
-    baseline = rss_anon()
-    peak = [baseline]
+    anon0, file0 = rss("RssAnon"), rss("RssFile")
+    peak = {"anon": anon0, "total": anon0 + file0}
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], rss_anon())
+            anon, mapped = rss("RssAnon"), rss("RssFile")
+            peak["anon"], peak["total"] = max(peak["anon"], anon), max(peak["total"], anon + mapped)
             time.sleep(0.005)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     start = time.perf_counter()
-    model = load_dit(folder, "384p", dtype=torch.bfloat16).model
+    model = load_dit(folder, "384p", dtype=DTYPES[dtype]).model
     seconds = time.perf_counter() - start
     done.set()
     thread.join()
-    peak[0] = max(peak[0], rss_anon())
+    anon, mapped = rss("RssAnon"), rss("RssFile")
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return {"peak_extra": peak[0] - baseline, "model_bytes": model_bytes, "seconds": seconds}
+    return {"peak_extra": max(peak["anon"], anon) - anon0, "peak_total_extra": max(peak["total"], anon + mapped) - anon0 - file0,
+            "after_anon": anon - anon0, "after_file": mapped - file0, "model_bytes": model_bytes, "seconds": seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, nargs=2, default=(4, 8), metavar=("DOUBLE", "SINGLE"))
     parser.add_argument("--heads", type=int, default=30, help="30 x 64 = 1920 wide, the real width")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="load dtype (fp32: no cast)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure_load(args.measure)))
+        print(json.dumps(measure_load(args.measure, args.dtype)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         params = write_checkpoint(Path(tmp), *args.blocks, args.heads)
         file_bytes = params * 4
-        result = subprocess.run([sys.executable, __file__, "--measure", tmp], capture_output=True, text=True, check=True)
+        result = subprocess.run([sys.executable, __file__, "--measure", tmp, "--dtype", args.dtype],
+                                capture_output=True, text=True, check=True)
         r = json.loads(result.stdout.strip().splitlines()[-1])
+    model = r["model_bytes"]
     print(f"DiT {args.blocks[0]} double + {args.blocks[1]} single blocks, {params / 1e9:.2f} B params")
-    print(f"file (fp32):              {file_bytes / GIB:6.2f} GiB")
-    print(f"loaded model (bf16):      {r['model_bytes'] / GIB:6.2f} GiB")
-    print(f"peak extra host memory:   {r['peak_extra'] / GIB:6.2f} GiB  "
-          f"({r['peak_extra'] / r['model_bytes']:.2f}x the bf16 model; fp32 + bf16 copies would be 3.00x)")
-    print(f"load time:                {r['seconds']:6.1f} s")
+    print(f"file (fp32):                          {file_bytes / GIB:6.2f} GiB")
+    print(f"loaded model ({args.dtype}):                 {model / GIB:6.2f} GiB")
+    print(f"peak extra anonymous memory:          {r['peak_extra'] / GIB:6.2f} GiB  ({r['peak_extra'] / model:.2f}x the "
+          f"model; with a cast, fp32 + bf16 copies would be 3.00x)")
+    print(f"peak extra resident (anon + mapped):  {r['peak_total_extra'] / GIB:6.2f} GiB  ({r['peak_total_extra'] / model:.2f}x)")
+    print(f"after loading: anon {r['after_anon'] / GIB:.2f} GiB, mapped file pages {r['after_file'] / GIB:.2f} GiB")
+    print(f"load time:                            {r['seconds']:6.1f} s")
 
 
 if __name__ == "__main__":

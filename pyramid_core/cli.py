@@ -23,13 +23,17 @@ from .validation import FPS, frames_for_temp, parse_steps, temp_for_duration
 
 __all__ = [
     "EXIT_CANCELLED", "EXIT_USAGE", "GenerationRequest", "RunSummary", "StepProgress", "VARIANT_DEFAULTS",
-    "build_parser", "main", "resolve_request", "run_generation",
+    "build_parser", "compute_dtype_for", "main", "resolve_request", "run_generation",
 ]
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130  # the shell convention for "stopped by Ctrl-C"
 IMAGE_SUFFIX = ".png"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_HELP = ("compute precision (default: bf16 on a GPU, as trained; fp32 on a CPU, where bf16 convolutions and "
+              "matmuls run many times slower); fp16 for GPUs without bf16: residual streams stay fp32")
+CPU_DTYPE_NOTE = ("the CPU default: bf16 convolutions and matmuls run many times slower than fp32 on CPUs without "
+                  "native bf16; pass --dtype bf16 to halve the memory anyway")
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--video-guidance", type=float, default=None, help=f"guidance of later frames (default {DEFAULT_VIDEO_GUIDANCE:g}; image-to-video {DEFAULT_I2V_VIDEO_GUIDANCE:g})")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     _add_output_arguments(gen)
-    gen.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
-                     help="compute precision (default bf16, as trained; fp16 for GPUs without bf16: residual streams stay fp32)")
+    gen.add_argument("--dtype", choices=tuple(DTYPES), default=None, help=DTYPE_HELP)
     gen.add_argument("--fp8", choices=("row", "tensor"), default=None,
                      help="store the DiT's Linear weights in float8 with per-row or per-tensor scales (half the memory)")
     gen.add_argument("--attention", choices=("sdpa", "sage", "flash"), default="sdpa",
@@ -108,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", default="none", metavar="PLAN",
                      help=f"memory plan, one of {', '.join(PLANS)} (default none: everything stays on the device; "
                      "model: each model on the device only while it runs)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile each DiT block (slow first steps while it compiles; not with --offload sequential)")
     gen.add_argument("--budget-gb", type=float, default=None, help="GPU memory budget for --offload auto/block_swap (GiB; default: free memory)")
     gen.add_argument("--resident-blocks", type=int, default=None, help="--offload block_swap: DiT blocks kept on the GPU")
     gen.add_argument("--out", required=True, help="output file: .mp4, .webm, .webp, .gif, or .png for a still image (never overwritten)")
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", default=None, metavar="DIR", help="write the tiny model into DIR (new or empty) and keep it")
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and of the generation (default 0)")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    demo.add_argument("--dtype", choices=tuple(DTYPES), default=None, help=DTYPE_HELP)
     return parser
 
 
@@ -156,8 +162,10 @@ class GenerationRequest:
     format: str | None = None
     quality: int = 80
     dtype: torch.dtype = torch.bfloat16
+    dtype_note: str = ""  # why this dtype, when the command line chose it (printed)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     offload: str = "none"
+    compile: bool = False
     fp8: str | None = None
     attention: str = "sdpa"
     budget_gb: float | None = None
@@ -214,6 +222,8 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
     from .loading import resolve_model_folder, resolve_variant
     from .validation import check_resolution
 
+    offload = _check_offload(args.offload)
+    _check_compile(args.compile, offload)
     variant = resolve_variant(args.variant)
     defaults = VARIANT_DEFAULTS.get(variant, VARIANT_DEFAULTS["diffusion_transformer_384p"])
     out, fmt = _check_output(args.out, args.format)
@@ -251,13 +261,28 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
     folder = resolve_model_folder(args.model)
     folder.dit_path(variant)  # fails now, before any loading, when the variant is not there
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    device = _check_device(args.device)
+    dtype, dtype_note = compute_dtype_for(device, args.dtype)
     return GenerationRequest(
         model=folder.root, variant=variant, prompt=args.prompt, out=out, width=width, height=height, temp=temp,
         steps=steps, video_steps=video_steps, guidance=args.guidance, video_guidance=video_guidance, seed=seed,
         negative_prompt=args.negative_prompt, image=image, fps=args.fps, format=fmt, quality=args.quality,
-        dtype=DTYPES[args.dtype], device=_check_device(args.device), offload=_check_offload(args.offload),
+        dtype=dtype, dtype_note=dtype_note, device=device, offload=offload, compile=args.compile,
         fp8=args.fp8, attention=args.attention, budget_gb=args.budget_gb, resident_blocks=args.resident_blocks,
     )
+
+
+def compute_dtype_for(device: torch.device, requested: str | None = None) -> tuple[torch.dtype, str]:
+    """The compute dtype to run on `device`, and a note saying why when it was not requested.
+
+    An explicit `--dtype` wins. Otherwise fp32 on a CPU (bf16 conv3d is ~100x and bf16 matmul ~8x slower
+    than fp32 on an AVX2 CPU without native bf16), bf16 elsewhere (as trained).
+    """
+    if requested is not None:
+        return DTYPES[requested], ""
+    if device.type == "cpu":
+        return torch.float32, CPU_DTYPE_NOTE
+    return torch.bfloat16, ""
 
 
 def _check_output(path: str, fmt: str | None) -> tuple[Path, str | None]:
@@ -318,6 +343,15 @@ def _check_offload(plan: str) -> str:
     return plan
 
 
+def _check_compile(compile_blocks: bool, plan: str) -> None:
+    """--compile needs a plan that leaves the inside of the DiT blocks alone."""
+    if compile_blocks and plan == "sequential":
+        raise UsageError(
+            "--compile cannot run with --offload sequential (it hooks every layer inside the compiled blocks); "
+            "use --offload none, model or block_swap with --compile, or drop --compile"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # running
 
@@ -369,11 +403,15 @@ def run_generation(request: GenerationRequest, log: TextIO | None = None) -> Run
         torch.cuda.reset_peak_memory_stats(request.device)
     print(f"loading {request.variant} from {request.model} ({_dtype_name(request.dtype)} on {request.device}, "
           f"offload {request.offload})", file=log, flush=True)
+    if request.dtype_note:
+        print(f"compute dtype {_dtype_name(request.dtype)}: {request.dtype_note}", file=log, flush=True)
+    if request.compile:
+        print("compiling the DiT blocks (torch.compile): the first steps are slow", file=log, flush=True)
     with quiet_transformers():
         pipe = PyramidFlowPipeline.from_pretrained(
             request.model, request.variant, dtype=request.dtype, device=request.device, offload=request.offload,
             fp8=request.fp8, attention_backend=request.attention, budget_gb=request.budget_gb,
-            resident_blocks=request.resident_blocks,
+            resident_blocks=request.resident_blocks, compile_blocks=request.compile,
         )
     loaded = time.perf_counter()
     mode = "image-to-video" if request.image is not None else ("text-to-image" if request.temp == 1 else "text-to-video")
@@ -491,6 +529,8 @@ def demo_command(args: argparse.Namespace, log: TextIO) -> RunSummary:
     out, fmt = _check_output(args.out, None)
     if out.suffix.lower() == IMAGE_SUFFIX:
         raise UsageError("the demo writes a video; give --out a .mp4, .webm, .webp or .gif name")
+    device = _check_device(args.device)
+    dtype, dtype_note = compute_dtype_for(device, args.dtype)
     print(DEMO_NOTICE, file=log, flush=True)
     with tempfile.TemporaryDirectory(prefix="pyramid_demo_") as scratch:
         folder = Path(args.keep).expanduser() if args.keep else Path(scratch) / f"tiny_{args.family}"
@@ -500,7 +540,8 @@ def demo_command(args: argparse.Namespace, log: TextIO) -> RunSummary:
         request = GenerationRequest(
             model=folder, variant="diffusion_transformer_384p", prompt=DEMO_PROMPT, out=out, width=128, height=128,
             temp=3, steps=[2, 2, 2], video_steps=[2, 2, 2], guidance=DEFAULT_GUIDANCE,
-            video_guidance=DEFAULT_VIDEO_GUIDANCE, seed=args.seed, format=fmt, device=_check_device(args.device),
+            video_guidance=DEFAULT_VIDEO_GUIDANCE, seed=args.seed, format=fmt, dtype=dtype, dtype_note=dtype_note,
+            device=device,
         )
         summary = run_generation(request, log)
     for line in summary.lines():

@@ -1,7 +1,10 @@
 """Checkpoint loading for Pyramid Flow: official folders, Kijai-style single files, sharded and `.bin` files.
 
-Models are built on the meta device and filled one tensor at a time from memory-mapped files, cast per
-tensor, so peak host memory stays near one copy of the model in the target dtype.
+Models are built on the meta device and filled one tensor at a time, cast per tensor, so peak host memory
+stays near one copy of the model in the target dtype. Every tensor handed out lives in its own fresh CPU
+allocation (64-byte aligned by torch's allocator), never in a view of a file's memory mapping: such views
+start at arbitrary addresses, and CPU kernels may sum in another order on unaligned data (last-ulp
+differences seen on AMD CPUs), so a run on mapped weights need not match the same weights copied anywhere.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +59,7 @@ BIN_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
 _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+_STAGING_BYTES = 16 * 2**20  # chunk size of a cast while reading (the extra host memory of a cast load)
 
 # Official config.json values (FACTS 1.4); shape-derived keys overwrite them for single files.
 OFFICIAL_FLUX_CONFIG: dict[str, Any] = {
@@ -231,13 +236,16 @@ def _float8_missing_error(path: Path, codes: Iterable[str]) -> CheckpointError:
 
 
 class _SafetensorsFile:
-    """One safetensors file: header parsed and validated up front, tensors read lazily (memory-mapped)."""
+    """One safetensors file: header parsed and validated up front, each tensor read on request into its own
+    fresh allocation (plain file reads: no memory mapping stays resident, nothing aliases the file)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.entries: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.metadata: dict[str, str] = {}
+        self._offsets: dict[str, int] = {}  # absolute file offset of each tensor's bytes
         self._handle = None
+        self._staging: torch.Tensor | None = None  # bytes read before a cast, reused tensor after tensor
         self._parse_header()
 
     def _fail(self, why: str) -> CheckpointError:
@@ -287,26 +295,76 @@ class _SafetensorsFile:
             if end - begin != math.prod(shape) * _itemsize(dtype):
                 raise self._fail(f"header entry {name!r} has a byte range that does not match its shape and dtype")
             self.entries[name] = (shape, dtype)
+            self._offsets[name] = 8 + header_len + begin
         if float8:
             raise _float8_missing_error(self.path, float8)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor in `dtype` (default: stored), read straight into a fresh allocation; a cast goes through a
+        small reused staging buffer, so no full-size copy in the stored dtype is ever made."""
+        shape, stored = self.entries[name]
+        tensor = torch.empty(shape, dtype=dtype or stored)  # torch's CPU allocator: 64-byte aligned
+        if tensor.numel() == 0:
+            return tensor
         if self._handle is None:
-            from safetensors import safe_open
+            self._handle = open(self.path, "rb", buffering=0)
+        self._handle.seek(self._offsets[name])
+        if tensor.dtype == stored:
+            self._read_into(tensor.reshape(-1))
+        else:
+            self._read_cast_into(tensor.reshape(-1), stored)
+        return tensor
 
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        return self._handle.get_tensor(name)
+    def _read_into(self, flat: torch.Tensor) -> None:
+        _read_exactly(self._handle, flat.view(torch.uint8).numpy(), self.path)
+        _from_little_endian(flat)
+
+    def _read_cast_into(self, flat: torch.Tensor, stored: torch.dtype) -> None:
+        """Read `flat.numel()` values stored as `stored` and cast them into `flat`, one staging chunk at a time."""
+        if self._staging is None:  # one buffer for the whole file: its largest tensor, at most _STAGING_BYTES
+            largest = max(math.prod(size) * _itemsize(kind) for size, kind in self.entries.values())
+            self._staging = torch.empty(min(_STAGING_BYTES, largest), dtype=torch.uint8)
+        step = self._staging.numel() // _itemsize(stored)
+        for start in range(0, flat.numel(), step):
+            count = min(step, flat.numel() - start)
+            chunk = self._staging[: count * _itemsize(stored)].view(stored)
+            self._read_into(chunk)
+            flat[start : start + count].copy_(chunk)  # the same rounding as Tensor.to
 
     def close(self) -> None:
-        self._handle = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self._staging = None
+
+
+def _read_exactly(handle, buffer, path: Path) -> None:
+    """Fill `buffer` (a writable byte array) from the file's current position; a short file is an error."""
+    view = memoryview(buffer).cast("B")
+    filled = 0
+    while filled < len(view):
+        count = handle.readinto(view[filled:])
+        if not count:
+            raise CheckpointError(f"{path} ended early while reading tensor data (re-download or re-save the file)")
+        filled += count
+
+
+def _from_little_endian(flat: torch.Tensor) -> None:
+    """safetensors stores little-endian bytes; swap them in place (a 1-D tensor) on a big-endian host."""
+    if sys.byteorder == "little" or flat.element_size() == 1:
+        return
+    raw = flat.view(torch.uint8).view(-1, flat.element_size())
+    raw.copy_(raw.flip(1))
 
 
 class _PickleFile:
-    """A torch `.bin`/`.pt` file, opened with weights_only (never full unpickling) and memory-mapped."""
+    """A torch `.bin`/`.pt` file, opened with weights_only (never full unpickling) and memory-mapped; each tensor
+    is handed out as its own copy (legacy non-zip files, read fully into memory, hand over aligned tensors)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.metadata: dict[str, str] = {}
+        self._mapped = True
         state = self._load()
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         if not self._tensors:
@@ -322,6 +380,7 @@ class _PickleFile:
                     raise
                 # Legacy (non-zip) torch.save format: mmap is impossible, weights_only still applies.
                 obj = torch.load(self.path, map_location="cpu", weights_only=True)
+                self._mapped = False
         except pickle.UnpicklingError as exc:
             if "weights only" in str(exc).lower():
                 raise CheckpointError(
@@ -342,11 +401,28 @@ class _PickleFile:
             raise CheckpointError(f"{self.path} holds a {type(obj).__name__}, not a state dict of name -> tensor")
         return obj
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor in `dtype` (default: stored) in its own memory: a cast or a copy, never a view of the file."""
+        tensor = self._tensors[name]
+        if dtype is not None and dtype != tensor.dtype:
+            return tensor.to(dtype, memory_format=torch.contiguous_format)
+        if not self._mapped and _owns_aligned_storage(tensor):
+            return tensor  # already private memory: a copy would only raise the peak
+        return tensor.clone(memory_format=torch.contiguous_format)
 
     def close(self) -> None:
         self._tensors = {}
+
+
+def _owns_aligned_storage(tensor: torch.Tensor) -> bool:
+    """The tensor is contiguous, starts 64-byte aligned and spans its whole storage."""
+    storage = tensor.untyped_storage()
+    return (
+        tensor.is_contiguous()
+        and tensor.data_ptr() % 64 == 0
+        and tensor.storage_offset() == 0
+        and storage.nbytes() == tensor.numel() * tensor.element_size()
+    )
 
 
 def _looks_like_torch_file(head: bytes) -> bool:
@@ -425,10 +501,11 @@ class CheckpointReader:
         """The set of stored dtypes."""
         return {self.dtype(k) for k in self._key_to_file}
 
-    def get_tensor(self, key: str) -> torch.Tensor:
-        """One tensor in its stored dtype, on the CPU."""
+    def get_tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor in `dtype` (default: its stored dtype) on the CPU, in its own 64-byte aligned memory (never
+        a view of the file); a cast is made while reading, without a full copy in the stored dtype."""
         self._entry(key)
-        return self._files[self._key_to_file[key]].get(key)
+        return self._files[self._key_to_file[key]].get(key, dtype)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs, read one at a time."""
@@ -885,15 +962,21 @@ def _is_float8(dtype: torch.dtype) -> bool:
     return "float8" in str(dtype)
 
 
-def _convert(
-    tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device, keep_float8: bool = False
+def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None, keep_float8: bool) -> torch.dtype:
+    """`dtype` for floating tensors (float8 ones stay as stored with `keep_float8`); anything else as stored."""
+    cast = dtype is not None and stored.is_floating_point and not (keep_float8 and _is_float8(stored))
+    return dtype if cast else stored
+
+
+def _read_converted(
+    reader: CheckpointReader, key: str, dtype: torch.dtype | None, device: torch.device, keep_float8: bool = False
 ) -> torch.Tensor:
-    cast = dtype is not None and tensor.is_floating_point() and not (keep_float8 and _is_float8(tensor.dtype))
-    target = dtype if cast else tensor.dtype
-    # Narrow before moving (less to transfer), widen after.
-    if _itemsize(target) <= tensor.element_size():
-        return tensor.to(dtype=target).to(device=device)
-    return tensor.to(device=device).to(dtype=target)
+    """One checkpoint tensor in its target dtype on `device`, in memory of its own."""
+    stored = reader.dtype(key)
+    target = _target_dtype(stored, dtype, keep_float8)
+    if device.type == "cpu" or _itemsize(target) <= _itemsize(stored):
+        return reader.get_tensor(key, target).to(device=device)  # narrow before moving: less to transfer
+    return reader.get_tensor(key).to(device=device).to(dtype=target)  # widen after moving
 
 
 def fill_meta_model(
@@ -947,7 +1030,7 @@ def fill_meta_model(
 
     for name, key in file_for_model.items():
         module, attr, is_param = targets[name]
-        value = _convert(reader.get_tensor(key), dtype, device, keep_float8)
+        value = _read_converted(reader, key, dtype, device, keep_float8)
         if is_param:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:

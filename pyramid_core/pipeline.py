@@ -16,6 +16,7 @@ from PIL import Image
 
 from .latent_format import decode_latents, frames_to_float, normalize_latents, denormalize_latents
 from .memory import MemoryManager, default_device
+from .models.layers import host_to_device
 from .sampling import PyramidSampler, StepCallback, UnitCallback, linear_guidance_scales
 from .scheduler import PyramidFlowScheduler
 from .text import DEFAULT_NEGATIVE_PROMPT, PyramidTextEncoder, TextEmbeddingCache, TextEmbeddings
@@ -185,7 +186,12 @@ class PyramidFlowPipeline:
                 f"prompt_embeds must hold {'[negative, positive]' if do_cfg else 'the positive prompt'} "
                 f"(batch {expected}), got batch {prompt_embeds.batch_size}"
             )
-        return prompt_embeds.to(self.device, self.dtype)
+        # embeddings to the device (asynchronously); the mask stays on the host, where the DiT reads the text layout
+        return TextEmbeddings(
+            host_to_device(prompt_embeds.prompt_embeds.to(dtype=self.dtype), self.device),
+            prompt_embeds.attention_mask.cpu(),
+            host_to_device(prompt_embeds.pooled.to(dtype=self.dtype), self.device),
+        )
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -373,7 +379,7 @@ class PyramidFlowPipeline:
         shape = (1, LATENT_CHANNELS, temp, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
         draw_device = generator.device if generator is not None else self.device
         noise = torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32)
-        return noise.to(device=self.device, dtype=self.dtype)
+        return host_to_device(noise, self.device).to(self.dtype)  # a CPU draw is copied asynchronously
 
     def _sample(self, noise, text, streams: RandomStreams, callbacks, **settings) -> torch.Tensor:
         """Run the pyramid sampler with the DiT placed by the memory plan (OOM turned into advice)."""

@@ -13,8 +13,10 @@ to the compute dtype (bf16 or fp16) at each call. Parameter names stay the offic
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import types
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -291,31 +293,48 @@ def configure_dit_precision(
 
 
 def compile_blocks(
-    model: nn.Module, mode: str | None = None, *, backend: str = "inductor", dynamic: bool | None = True,
-    cache_size_limit: int | None = 64,
+    model: nn.Module, mode: str | None = None, *, backend: str | Callable = "inductor", dynamic: bool | None = True,
+    recompile_limit: int | None = 64,
 ) -> nn.Module:
-    """torch.compile each transformer block in place (`nn.Module.compile`: state-dict names unchanged).
+    """torch.compile each transformer block's `forward` in place; returns the model.
 
-    The segmented attention (a Python loop over frames) is excluded via torch.compiler.disable, so each block
-    compiles to graphs around it (not fullgraph). dynamic=True avoids a recompile per token count, which
-    changes every unit and stage. `cache_size_limit` raises dynamo's per-function recompile limit to at
-    least that (dtype / shape variants of the shared block code); None leaves it alone. mode: torch.compile
-    mode ('default', 'max-autotune', 'max-autotune-no-cudagraphs'; 'reduce-overhead' gains little here:
-    the attention runs eagerly between graphs).
+    Only `forward` is compiled (bound on the instance, so state-dict names are unchanged and
+    `copy.deepcopy` rebinds it to the copy): the block's `__call__`, with its forward pre/post hooks (the
+    memory manager's block-swap weight moves), runs eagerly around the graphs, never inside them. Blocks
+    of one class share one compiled function, and so its graphs. The segmented attention (a Python loop
+    over frames) is excluded via torch.compiler.disable, so each block compiles to graphs around it (not
+    fullgraph). dynamic=True avoids a recompile per token count, which changes every unit and stage.
+    `recompile_limit`: recompiles allowed per compiled function (dtype / layout variants), passed to
+    torch.compile on torch versions that take it; older torch has only the process-wide dynamo limit,
+    which is raised to at least this instead. None leaves dynamo's default. mode: torch.compile mode
+    ('default', 'max-autotune', 'max-autotune-no-cudagraphs'; 'reduce-overhead' gains little here: the
+    attention runs eagerly between graphs). Sets `model.compiled_blocks` (the settings used).
     """
-    if not hasattr(nn.Module, "compile"):
-        raise RuntimeError(f"compile_blocks needs torch >= 2.2 (nn.Module.compile); this is torch {torch.__version__}")
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no `blocks`; compile_blocks expects a Pyramid Flow DiT")
-    if cache_size_limit is not None:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, cache_size_limit)
+    options = dict(backend=backend, mode=None if mode == "default" else mode, dynamic=dynamic)
+    options.update(_recompile_limit_option(recompile_limit))
+    compiled: dict[type, Callable] = {}
     for block in blocks:
-        block.compile(backend=backend, mode=None if mode == "default" else mode, dynamic=dynamic)
+        cls = type(block)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(cls.forward, **options)
+        block.forward = types.MethodType(compiled[cls], block)  # instance attribute: _call_impl calls it
     model.compiled_blocks = {"backend": backend, "mode": mode, "dynamic": dynamic}
     return model
+
+
+def _recompile_limit_option(limit: int | None) -> dict[str, int]:
+    """torch.compile's own `recompile_limit` where it exists; else raise dynamo's process-wide limit."""
+    if limit is None:
+        return {}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return {"recompile_limit": limit}
+    import torch._dynamo as dynamo  # a plain `import torch._dynamo` would make `torch` local here
+
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, limit)
+    return {}
 
 
 def load_dit_for_precision(

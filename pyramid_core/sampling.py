@@ -19,7 +19,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from .scheduler import PyramidFlowScheduler, downsample_2x, euler_step, nearest_upsample_2x, sample_block_noise
+from .models.attention import HostTextMask
+from .models.layers import host_to_device
+from .scheduler import (
+    PyramidFlowScheduler,
+    downsample_2x,
+    euler_delta,
+    euler_update,
+    model_timestep,
+    nearest_upsample_2x,
+    sample_block_noise,
+)
 from .text import TextEmbeddings
 
 NUM_STAGES = 3
@@ -61,24 +71,36 @@ def clean_pyramid(latents: torch.Tensor) -> list[torch.Tensor]:
     return levels[::-1]
 
 
-def history_for_stage(pyramid: list[torch.Tensor], stage: int) -> list[torch.Tensor]:
-    """The compressed history the DiT sees at `stage`, oldest first.
+def history_levels(num_past: int, stage: int) -> list[int]:
+    """Pyramid level (0..2) of each past frame as the DiT sees it at `stage`, oldest first (shapes only).
 
-    The previous frame at the stage's own resolution, the one before it a stage lower (while that
-    stage is >= 1), and all older frames together at stage-0 resolution.
+    The previous frame at the stage's own level, the one before it a level lower (while that level
+    is >= 1), and all older frames at level 0.
     """
-    num_past = pyramid[0].shape[2]
-    if num_past == 0:
+    if num_past <= 0:
         return []
-    newest_first = [pyramid[stage][:, :, num_past - 1 :]]
-    used, level = 1, stage
-    while used < num_past and level > 1:
-        level -= 1
-        used += 1
-        newest_first.append(pyramid[level][:, :, num_past - used : num_past - used + 1])
-    if used < num_past:
-        newest_first.append(pyramid[0][:, :, : num_past - used])
+    newest_first = [stage]
+    while len(newest_first) < num_past and newest_first[-1] > 1:
+        newest_first.append(newest_first[-1] - 1)
+    newest_first += [0] * (num_past - len(newest_first))
     return newest_first[::-1]
+
+
+def history_for_stage(pyramid: list[torch.Tensor], stage: int) -> list[torch.Tensor]:
+    """The compressed history the DiT sees at `stage`, oldest first (levels from `history_levels`).
+
+    Clips as official: the frames older than the previous one that sit at level 0 form one clip, every
+    other frame is a clip of its own.
+    """
+    levels = history_levels(pyramid[0].shape[2], stage)
+    newest = len(levels) - 1
+    clips, start = [], 0
+    for end in range(1, len(levels) + 1):
+        continues_old_block = end < newest and levels[start] == levels[end] == 0
+        if not continues_old_block:
+            clips.append(pyramid[levels[start]][:, :, start:end])
+            start = end
+    return clips
 
 
 def guided_velocity(velocity: torch.Tensor, scale: float) -> torch.Tensor:
@@ -113,31 +135,46 @@ class PyramidSampler:
         guidance_scale: float,
         do_cfg: bool,
         progress: "_Progress",
+        text_mask: HostTextMask | None = None,
     ) -> list[torch.Tensor]:
-        """Denoise one unit through the three stages; returns the latent after each stage."""
+        """Denoise one unit through the three stages; returns the latent after each stage.
+
+        `text_mask`: `text.attention_mask` held on the host (None: made here from it).
+        """
+        if text_mask is None:
+            text_mask = HostTextMask.from_mask(text.attention_mask)
         x = noise
         outputs = []
         for stage in range(NUM_STAGES):
             schedule = self.scheduler.stage_schedule(int(steps[stage]), stage)
             if stage > 0:
-                alpha, beta = self.scheduler.stage_jump_coefficients(stage)
-                x = nearest_upsample_2x(x)
-                b, c, t, h, w = x.shape
-                block_noise = sample_block_noise(b, c, t, h, w, generator=self.block_noise_generator)
-                x = alpha * x + beta * block_noise.to(device=self.device, dtype=self.dtype)
+                x = self._stage_jump(x, stage)
             clips = [torch.cat([clip, clip]) if do_cfg else clip for clip in history[stage]]
             for step in schedule:
                 model_input = torch.cat([x, x]) if do_cfg else x
-                timestep = step.timestep.expand(model_input.shape[0]).to(device=self.device, dtype=model_input.dtype)
+                # scalars stay on the host (Python floats): no copy to the device and no sync per step
+                timestep = torch.full(
+                    (model_input.shape[0],), model_timestep(step.timestep, model_input.dtype),
+                    dtype=model_input.dtype, device=model_input.device,
+                )
                 velocity = self.dit(
-                    clips + [model_input], timestep, text.prompt_embeds, text.attention_mask, text.pooled
+                    clips + [model_input], timestep, text.prompt_embeds, text_mask, text.pooled
                 )
                 if do_cfg:
                     velocity = guided_velocity(velocity, guidance_scale)
-                x = euler_step(x, velocity, step.sigma, step.sigma_next)
+                x = euler_update(x, velocity, euler_delta(step.sigma, step.sigma_next, velocity.dtype))
                 progress.advance(stage, step.index, len(schedule))
             outputs.append(x)
         return outputs
+
+    def _stage_jump(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Renoise into `stage`: alpha * up2(x) + beta * block noise (drawn on the CPU, bit-exact as official)."""
+        alpha, beta = self.scheduler.stage_jump_coefficients(stage)
+        x = nearest_upsample_2x(x)
+        b, c, t, h, w = x.shape
+        block_noise = sample_block_noise(b, c, t, h, w, generator=self.block_noise_generator)
+        block_noise = host_to_device(block_noise, self.device).to(self.dtype)  # async copy, cast on the device
+        return alpha * x + beta * block_noise
 
     def sample(
         self,
@@ -159,10 +196,11 @@ class PyramidSampler:
         unit_guidance: per-unit guidance scales overriding both scales (official linear guidance).
         """
         do_cfg = guidance_scale > 0  # the first-frame scale switches CFG for the whole run
-        start_noise = stage0_noise(noise.to(device=self.device, dtype=self.dtype))
+        text_mask = HostTextMask.from_mask(text.attention_mask)  # the DiT reads it on the host: no device sync
+        start_noise = stage0_noise(host_to_device(noise, self.device).to(self.dtype))
         num_units = noise.shape[2]
         first_unit = 0 if first_frame_latent is None else 1
-        generated = [] if first_frame_latent is None else [first_frame_latent.to(device=self.device, dtype=self.dtype)]
+        generated = [] if first_frame_latent is None else [host_to_device(first_frame_latent, self.device).to(self.dtype)]
         progress = _Progress(self, num_units, first_unit, first_frame_steps, video_steps)
         for unit in range(first_unit, num_units):
             progress.unit = unit
@@ -183,7 +221,7 @@ class PyramidSampler:
             else:
                 scale = guidance_scale if is_first_frame else video_guidance_scale
             steps = first_frame_steps if is_first_frame else video_steps
-            stage_outputs = self.denoise_unit(unit_noise, history, text, steps, scale, do_cfg, progress)
+            stage_outputs = self.denoise_unit(unit_noise, history, text, steps, scale, do_cfg, progress, text_mask)
             generated.append(stage_outputs[-1])
             if self.unit_callback is not None:
                 self.unit_callback(unit, num_units, stage_outputs[-1])

@@ -21,7 +21,10 @@ __all__ = [
     "block_noise_covariance",
     "block_noise_scale_tril",
     "downsample_2x",
+    "euler_delta",
     "euler_step",
+    "euler_update",
+    "model_timestep",
     "nearest_upsample_2x",
     "numpy_linspace",
     "sample_block_noise",
@@ -70,6 +73,32 @@ class StageSchedule:
             yield StageStep(i, self.timesteps[i], self.sigmas[i], self.sigmas[i + 1])
 
 
+def euler_delta(sigma: float | torch.Tensor, sigma_next: float | torch.Tensor, dtype: torch.dtype) -> float:
+    """``sigma_next - sigma`` in float64, rounded to ``dtype`` on the host: the scalar of the official Euler step.
+
+    Official promotion casts the float64 difference to the model output's dtype before the product (bf16:
+    rounded to bf16). A Python float holding that rounded value multiplies a tensor bit for bit like the 0-dim
+    ``dtype`` tensor (kernels compute in fp32 opmath either way), with no copy to the device.
+    """
+    delta = torch.as_tensor(sigma_next, dtype=torch.float64, device="cpu") - torch.as_tensor(
+        sigma, dtype=torch.float64, device="cpu"
+    )
+    if delta.dim() != 0:
+        raise ValueError(f"sigma and sigma_next must be scalars, got a difference of shape {tuple(delta.shape)}")
+    return delta.to(dtype).item()
+
+
+def model_timestep(timestep: float | torch.Tensor, dtype: torch.dtype) -> float:
+    """The timestep as the DiT receives it: the float64 value rounded to ``dtype`` on the host (bf16: 986.54 -> 988)."""
+    return torch.as_tensor(timestep, dtype=torch.float64, device="cpu").to(dtype).item()
+
+
+def euler_update(sample: torch.Tensor, model_output: torch.Tensor, delta: float) -> torch.Tensor:
+    """``dtype(fp32(sample) + delta * model_output)`` with ``delta`` from :func:`euler_delta` (no device sync)."""
+    prev = sample.to(torch.float32) + delta * model_output
+    return prev.to(model_output.dtype)
+
+
 def euler_step(
     sample: torch.Tensor,
     model_output: torch.Tensor,
@@ -80,15 +109,10 @@ def euler_step(
 
     The sigma difference is a float64 scalar that type promotion casts to ``model_output.dtype``
     before the product (bf16: the difference is rounded to bf16 and the product done in bf16);
-    the sum is float32 and the result is cast back to ``model_output.dtype``.
+    the sum is float32 and the result is cast back to ``model_output.dtype``. Host sigmas (floats or
+    CPU tensors) make no device copy.
     """
-    delta = torch.as_tensor(sigma_next, dtype=torch.float64) - torch.as_tensor(sigma, dtype=torch.float64)
-    if delta.dim() != 0:
-        raise ValueError(f"sigma and sigma_next must be scalars, got a difference of shape {tuple(delta.shape)}")
-    # Explicit cast = what promotion of a same-device 0-dim float64 tensor does (a CPU scalar on CUDA would not round).
-    delta = delta.to(device=model_output.device, dtype=model_output.dtype)
-    prev = sample.to(torch.float32) + delta * model_output
-    return prev.to(model_output.dtype)
+    return euler_update(sample, model_output, euler_delta(sigma, sigma_next, model_output.dtype))
 
 
 class PyramidFlowScheduler:

@@ -255,6 +255,13 @@ class PyramidTextEncoder(nn.Module):
     def embed_dim(self) -> int:
         return self.t5_encoder.config.d_model
 
+    def working_memory_bytes(self, workload) -> int:
+        """Device working memory of encoding one prompt (a `pyramid_core.memory.Workload`; T5 dominates)."""
+        from .memory.estimates import text_working_memory
+
+        config = self.t5_encoder.config
+        return text_working_memory(workload, config.d_model, config.d_ff, config.num_heads)
+
     def _clip_max_length(self) -> int:
         # the official code pads every CLIP tokenizer to the first (CLIP-L) tokenizer's model_max_length
         return int(self.clip_tokenizers[0].model_max_length)

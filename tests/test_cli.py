@@ -173,6 +173,56 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys, argv, message):
     assert not any(p.suffix == ".mp4" for p in tmp_path.iterdir())
 
 
+def test_cpu_runs_default_to_fp32_and_an_explicit_dtype_wins():
+    cpu = resolve(["--model", MODEL, "--device", "cpu", "--out", "x.mp4"])
+    assert cpu.dtype == torch.float32 and "CPU default" in cpu.dtype_note and "--dtype bf16" in cpu.dtype_note
+    for name, dtype in cli.DTYPES.items():
+        explicit = resolve(["--model", MODEL, "--device", "cpu", "--dtype", name, "--out", "x.mp4"])
+        assert (explicit.dtype, explicit.dtype_note) == (dtype, "")
+    assert cli.compute_dtype_for(torch.device("cuda")) == (torch.bfloat16, "")  # as trained
+    assert cli.compute_dtype_for(torch.device("cuda"), "fp16") == (torch.float16, "")
+
+
+def _refuse_loading(monkeypatch) -> None:
+    from pyramid_core import loading, pipeline
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("nothing may be loaded")
+
+    for module, name in [(loading, "load_dit"), (loading, "load_vae"), (loading, "open_checkpoint")]:
+        monkeypatch.setattr(module, name, loaded)
+    monkeypatch.setattr(pipeline.PyramidFlowPipeline, "from_pretrained", classmethod(loaded))
+
+
+@pytest.mark.parametrize("model", [MODEL, "{tmp}/no_such_model"])
+def test_compile_with_sequential_offload_is_refused_up_front(tmp_path, monkeypatch, capsys, model):
+    _refuse_loading(monkeypatch)
+    code, log = run(["generate", "--model", model.replace("{tmp}", str(tmp_path)), "--prompt", PROMPT, "--compile",
+                     "--offload", "sequential", "--out", tmp_path / "x.mp4"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and log == "" and "Traceback" not in err
+    assert err.startswith("error: --compile cannot run with --offload sequential")
+    assert "use --offload none, model or block_swap with --compile, or drop --compile" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_flag_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
+    from pyramid_core import pipeline
+
+    calls = []
+
+    def stop(cls, *args, **kwargs):
+        calls.append(kwargs)
+        raise cli.UsageError("stopped after recording the pipeline settings")
+
+    monkeypatch.setattr(pipeline.PyramidFlowPipeline, "from_pretrained", classmethod(stop))
+    code, log = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--compile", "--offload", "block_swap",
+                     "--device", "cpu", "--out", tmp_path / "x.mp4"])
+    assert code == cli.EXIT_USAGE and "stopped after recording" in capsys.readouterr().err
+    assert calls[0]["compile_blocks"] is True and calls[0]["offload"] == "block_swap"
+    assert calls[0]["dtype"] == torch.float32 and "compiling the DiT blocks" in log
+
+
 # ---------------------------------------------------------------------------------------------- cancellation
 
 
@@ -207,6 +257,8 @@ def test_demo_writes_a_video_quickly(tmp_path, family):
     seconds = time.perf_counter() - started
     assert code == 0 and seconds < 60
     assert log.count(cli.DEMO_NOTICE) == 2 and "output is noise" in cli.DEMO_NOTICE
+    on_cpu = not torch.cuda.is_available()
+    assert ("(fp32 on cpu" in log and "compute dtype fp32: the CPU default" in log) if on_cpu else "(bf16 on cuda" in log
     frames, fps = decode(tmp_path / "demo.mp4")
     assert tuple(frames.shape) == (17, 128, 128, 3) and fps == 24
     assert 40 < frames.double().mean().item() < 215 and frames.double().std().item() > 5  # neither black nor flat

@@ -205,6 +205,116 @@ def test_bin_with_python_objects_is_refused(tmp_path):
     assert EXECUTED_MARK == []  # the pickle's code never ran
 
 
+# ---------------------------------------------------------------------------------------- own aligned memory
+
+
+def _mapped_ranges(files: list[Path]) -> list[tuple[int, int]]:
+    """Address ranges where this process maps any of `files` (Linux /proc/self/maps; [] elsewhere)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return []
+    names = {str(f.resolve()) for f in files}
+    ranges = []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in names:
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+def _in_mapping(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    start = tensor.untyped_storage().data_ptr()
+    end = start + max(1, tensor.untyped_storage().nbytes())
+    return any(low < end and start < high for low, high in ranges)
+
+
+def _assert_own_aligned_memory(model: nn.Module, files: list[Path]) -> None:
+    """Every parameter/buffer is a 64-byte aligned CPU tensor outside any mapping of the checkpoint files."""
+    ranges = _mapped_ranges(files)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        assert tensor.device.type == "cpu" and not tensor.is_meta, name
+        assert tensor.data_ptr() % 64 == 0, f"{name} starts at {tensor.data_ptr() % 64} mod 64"
+        assert not _in_mapping(tensor, ranges), f"{name} is a view of the file mapping"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_mapping_check_sees_a_safetensors_view():
+    """Control for the checks below: safetensors' own reader hands out views of its file mapping."""
+    from safetensors import safe_open
+
+    path = _dit_dir("flux") / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        views = [handle.get_tensor(key) for key in handle.keys()]
+    ranges = _mapped_ranges([path])
+    assert ranges and all(_in_mapping(view, ranges) for view in views)
+    assert any(view.data_ptr() % 64 for view in views)  # the misalignment the loader avoids
+
+
+def _official_folder(tmp_path: Path) -> tuple[list[nn.Module], list[Path]]:
+    root = model_dir("miniflux_tiny")
+    models = [L.load_dit(root, dtype=torch.float32).model, L.load_vae(root, dtype=None).model]  # fp32 files: no cast
+    files = [root / VARIANT / "diffusion_pytorch_model.safetensors", root / "causal_video_vae" / "diffusion_pytorch_model.safetensors"]
+    return models, files
+
+
+def _single_file(tmp_path: Path) -> tuple[list[nn.Module], list[Path]]:
+    path = L.save_single_file(_weights(_dit_dir("mmdit")), tmp_path / "mmdit.safetensors")
+    return [L.load_dit(path, dtype=None).model], [path]
+
+
+def _bf16_file_as_bf16(tmp_path: Path) -> tuple[list[nn.Module], list[Path]]:
+    path = L.save_single_file(_weights(_dit_dir("flux")), tmp_path / "flux_bf16.safetensors", dtype=torch.bfloat16)
+    return [L.load_dit(path, dtype=torch.bfloat16).model], [path]
+
+
+def _bin_file(tmp_path: Path) -> tuple[list[nn.Module], list[Path]]:
+    folder = tmp_path / "causal_video_vae"
+    folder.mkdir()
+    shutil.copy(_vae_dir() / "config.json", folder)
+    torch.save(_weights(_vae_dir()), folder / "diffusion_pytorch_model.bin")  # read with mmap=True
+    return [L.load_vae(folder, dtype=torch.float32).model], [folder / "diffusion_pytorch_model.bin"]
+
+
+def _legacy_bin_file(tmp_path: Path) -> tuple[list[nn.Module], list[Path]]:
+    folder = tmp_path / "causal_video_vae"
+    folder.mkdir()
+    shutil.copy(_vae_dir() / "config.json", folder)
+    torch.save(_weights(_vae_dir()), folder / "diffusion_pytorch_model.bin", _use_new_zipfile_serialization=False)
+    return [L.load_vae(folder, dtype=None).model], [folder / "diffusion_pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("load", [_official_folder, _single_file, _bf16_file_as_bf16, _bin_file, _legacy_bin_file],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_loaded_tensors_own_aligned_memory(tmp_path, load):
+    models, files = load(tmp_path)
+    for model in models:
+        _assert_own_aligned_memory(model, files)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float8_e4m3fn])
+def test_cast_while_reading_in_small_chunks_matches_tensor_to(tmp_path, monkeypatch, stored):
+    monkeypatch.setattr(L, "_STAGING_BYTES", 100)  # chunk ends fall mid-row (25 fp32 / 100 fp8 values)
+    source = {k: v.to(stored) for k, v in _weights(_dit_dir("flux")).items()}
+    path = L.save_single_file(source, tmp_path / "flux.safetensors")
+    loaded = L.load_dit(path, dtype=torch.bfloat16)
+    _assert_model_equals(loaded.model, source, torch.bfloat16)
+    _assert_own_aligned_memory(loaded.model, [path])
+
+
+def test_reader_tensors_are_private_copies(tmp_path):
+    path = L.save_single_file(_weights(_dit_dir("flux")), tmp_path / "flux_bf16.safetensors", dtype=torch.bfloat16)
+    expected = load_file(str(path))
+    with L.open_checkpoint(path) as reader:
+        first = reader.get_tensor("proj_out.weight")
+        again = reader.get_tensor("proj_out.weight")
+        assert torch.equal(first, expected["proj_out.weight"]) and first.data_ptr() != again.data_ptr()
+        assert first.data_ptr() % 64 == 0 and not _in_mapping(first, _mapped_ranges([path]))
+        scalar_shapes = [key for key in reader.keys() if reader.shape(key) == ()]
+        for key in scalar_shapes:
+            assert torch.equal(reader.get_tensor(key), expected[key])
+
+
 # ---------------------------------------------------------------------------------------- single files
 
 

@@ -268,16 +268,76 @@ def test_sdpa_and_plugged_backend_run_the_segmented_path(tiny_models, model):
     assert len(calls) >= len(dit.blocks) * 3  # 3 frames -> >= 3 kernel calls per block
 
 
+def _is_compiled_forward(block) -> bool:
+    """`block.forward` is the instance-bound torch.compile wrapper of its class's forward."""
+    bound = vars(block).get("forward")
+    original = getattr(getattr(bound, "__func__", None), "_torchdynamo_orig_callable", None)
+    return bound is not None and bound.__self__ is block and original is type(block).forward
+
+
 def test_compile_blocks_keeps_names_and_parity(tiny_models):
     model = "miniflux_tiny"
     entry, expected = case(CASE.format(model)), tensors(CASE.format(model))["output.0"]
     dit = copy.deepcopy(tiny_models[model])
     keys = list(dit.state_dict())
     compile_blocks(dit, backend="eager", dynamic=False)  # dynamo capture; inductor codegen is too slow for CI
-    assert all(block._compiled_call_impl is not None for block in dit.blocks)
+    assert all(_is_compiled_forward(block) for block in dit.blocks)
+    assert dit.compiled_blocks == {"backend": "eager", "mode": None, "dynamic": False}
     assert list(dit.state_dict()) == keys
     assert_matches(forward(dit, model), expected, entry["tolerance"], "compiled")
+    copied = copy.deepcopy(dit)  # the bound forward follows the copy, not the original block
+    assert all(_is_compiled_forward(block) for block in copied.blocks)
     torch._dynamo.reset()
+
+
+class _SwapHooks:
+    """Block-swap style hooks: at rest a block's parameters point at zeros; a forward pre-hook points them
+    at the real weights (`param.data = ...`, as the memory manager does) and a forward hook points them back."""
+
+    def __init__(self, blocks):
+        self.calls = {"pre": 0, "post": 0}
+        self.weights = {}
+        for block in blocks:
+            for param in block.parameters():
+                self.weights[param] = param.data
+                param.data = torch.zeros_like(param.data)
+            block.register_forward_pre_hook(self.swap_in_weights)
+            block.register_forward_hook(self.swap_out_weights)
+
+    def swap_in_weights(self, block, args):
+        self.calls["pre"] += 1
+        for param in block.parameters():
+            param.data = self.weights[param]
+
+    def swap_out_weights(self, block, args, output):
+        self.calls["post"] += 1
+        for param in block.parameters():
+            param.data = torch.zeros_like(param.data)
+
+
+def test_compiled_blocks_run_their_hooks_eagerly_outside_the_graphs(tiny_models):
+    model = "miniflux_tiny"
+    eager = forward(tiny_models[model], model)
+    dit = copy.deepcopy(tiny_models[model])
+    hooks = _SwapHooks(dit.blocks)
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward  # run the captured graph as is (no inductor: fast)
+
+    compile_blocks(dit, backend=capture, dynamic=False)
+    first, second = forward(dit, model), forward(dit, model)  # second call: cached graphs
+    torch._dynamo.reset()
+    assert graphs, "the block forwards were not captured"
+    assert hooks.calls == {"pre": 2 * len(dit.blocks), "post": 2 * len(dit.blocks)}  # every call, in eager
+    assert torch.equal(first, eager) and torch.equal(second, eager)  # the hooks' weights reached the graphs
+    assert all(not param.data.any() for param in hooks.weights)  # swapped back out after the last call
+    for graph in graphs:
+        code = graph.code
+        assert "set_" not in code and "zeros_like" not in code, code
+        traces = "".join(str(node.meta.get("stack_trace", "")) for node in graph.graph.nodes)
+        assert "swap_in_weights" not in traces and "swap_out_weights" not in traces
 
 
 # ------------------------------------------------------------------ loading for a precision

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFn, TokenLayout, joint_attention, sdpa
+from .attention import AttentionFn, HostTextMask, TokenLayout, joint_attention, sdpa
 from .layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -23,9 +23,8 @@ from .layers import (
     Linear,
     RMSNorm,
     apply_rope,
-    clip_positions,
     residual_dtype_for,
-    rope_cos_sin,
+    rope_on_device,
 )
 
 PATCH_SIZE = 2  # the official code hard-codes 2 whatever config.json says
@@ -202,29 +201,36 @@ class PyramidFluxTransformer(nn.Module):
         """Transformer blocks in execution order (what block swap streams)."""
         return [*self.transformer_blocks, *self.single_transformer_blocks]
 
+    def working_memory_bytes(self, workload) -> int:
+        """Device working memory of one forward at the workload's largest unit (a `pyramid_core.memory.Workload`)."""
+        from ..memory.estimates import dit_working_memory
+
+        dense = self.attention_mode == "masked"
+        return dit_working_memory(workload, self.context_embedder.out_features, PATCH_SIZE, dense_mask=dense)
+
     def forward(
         self,
         clips: list[torch.Tensor],
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | HostTextMask | None,
         pooled_projections: torch.Tensor,
     ) -> torch.Tensor:
-        """Velocity for the current (last) clip, [B, C, t, h, w], from history + current clips."""
+        """Velocity for the current (last) clip, [B, C, t, h, w], from history + current clips.
+
+        `encoder_attention_mask`: [B, T] (a device tensor is read once per forward), a `HostTextMask` (never
+        read from the device), or None (all text real). Positions and RoPE come from the clip shapes.
+        """
         current = clips[-1]
         dtype = current.dtype
         residual = self.residual_dtype or residual_dtype_for(dtype)
-        batch, text_len = encoder_hidden_states.shape[:2]
-        if encoder_attention_mask is None:
-            encoder_attention_mask = torch.ones(batch, text_len, dtype=torch.long, device=current.device)
+        layout = TokenLayout.from_clips(clips, PATCH_SIZE, encoder_attention_mask, encoder_hidden_states.shape[:2])
 
         temb = self.time_text_embed(timestep, pooled_projections).to(residual)
         context = self.context_embedder(encoder_hidden_states.to(residual))
         x = self.x_embedder(torch.cat([patchify(clip) for clip in clips], dim=1).to(residual))
 
-        positions, frame_ids = clip_positions(clips, PATCH_SIZE)
-        rope = rope_cos_sin(positions, self.axes_dims_rope)  # video tokens; text sits at the origin
-        layout = TokenLayout(encoder_attention_mask.bool(), frame_ids)
+        rope = rope_on_device(clips, PATCH_SIZE, "thw", self.axes_dims_rope, current.device)  # text sits at the origin
         mode, attend = self.attention_mode, self.attention_fn
 
         for block in self.transformer_blocks:

@@ -11,6 +11,8 @@ activation dtype. That is how the DiTs run fp16 without overflow: the residual s
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,11 +32,14 @@ __all__ = [
     "RMSNorm",
     "apply_rope",
     "clip_positions",
+    "frame_token_counts",
+    "host_to_device",
     "layer_norm_fp32",
     "mixed_precision_linear",
     "pow2_scale",
     "residual_dtype_for",
     "rope_cos_sin",
+    "rope_on_device",
 ]
 
 FP16_MAX = 65504.0
@@ -178,19 +183,44 @@ class AdaLayerNormContinuous(nn.Module):
         return layer_norm_fp32(x) * (1 + scale) + shift
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`; from the host the copy is asynchronous (pinned first when `device` is CUDA).
+
+    A tensor already on `device` is returned as is. Pinning only for CUDA: `pin_memory()` raises on
+    CPU-only builds, and other backends stage host copies themselves.
+    """
+    device = torch.device(device)
+    if tensor.device.type != "cpu" or device.type == "cpu":
+        return tensor.to(device)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()  # from pageable memory the "asynchronous" copy would block the host
+    return tensor.to(device, non_blocking=True)
+
+
 def rope_cos_sin(positions: torch.Tensor, axes_dims: list[int], theta: float = 10000.0):
-    """Rotary tables for token positions.
+    """Rotary tables for token positions, computed on the host.
 
     positions: [L, n_axes] float positions (one column per axis); axes_dims: head-dim channels per
-    axis (sum = head dim). Angles are computed in float64 as official; returns (cos, sin) fp32
-    of shape [L, head_dim // 2], pair k rotating channels (2k, 2k+1).
+    axis (sum = head dim). Angles are computed in float64 on the CPU as official (MPS has no float64,
+    so it never reaches the execution device); returns (cos, sin) fp32 CPU tensors of shape
+    [L, head_dim // 2], pair k rotating channels (2k, 2k+1).
     """
+    positions = positions.cpu()
     tables = []
     for axis, dim in enumerate(axes_dims):
-        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
         tables.append(positions[:, axis].to(torch.float64)[:, None] * omega[None])
     angles = torch.cat(tables, dim=-1)
     return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rope_on_device(
+    clips: Sequence[torch.Tensor | Sequence[int]], patch: int, axes: str, axes_dims: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (cos, sin) of the video tokens on `device`: built on the host from clip shapes, one async copy."""
+    positions, _ = clip_positions(clips, patch, axes)
+    cos, sin = rope_cos_sin(positions, axes_dims)
+    return tuple(host_to_device(torch.stack([cos, sin]), device).unbind(0))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -201,22 +231,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).to(x.dtype)
 
 
-def clip_positions(clips: list[torch.Tensor], patch: int, axes: str = "thw") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token positions of the video sequence and each token's frame index.
+def _clip_grid(clip: torch.Tensor | Sequence[int], patch: int) -> tuple[int, int, int]:
+    """(frames, token rows, token columns) of a clip, from a [..., t, h, w] tensor or its shape."""
+    t, h, w = tuple(getattr(clip, "shape", clip))[-3:]
+    return int(t), int(h) // patch, int(w) // patch
 
+
+def frame_token_counts(clips: Sequence[torch.Tensor | Sequence[int]], patch: int) -> tuple[int, ...]:
+    """Video tokens of each latent frame, in sequence order (clips oldest first; shapes only)."""
+    counts: list[int] = []
+    for clip in clips:
+        t, h, w = _clip_grid(clip, patch)
+        counts += [h * w] * t
+    return tuple(counts)
+
+
+def clip_positions(
+    clips: Sequence[torch.Tensor | Sequence[int]], patch: int, axes: str = "thw"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of the video sequence and each token's frame index, on the host.
+
+    `clips`: the stage's clips (oldest first) or their shapes ([..., t, h, w]); only shapes are read.
     Frames are numbered cumulatively through the clip list. Spatial positions use the current
     clip's token grid; a smaller history clip gets linearly interpolated (fractional) positions.
-    Returns (positions [N, len(axes)] float32, frame_ids [N] int64).
+    Returns CPU tensors (positions [N, len(axes)] float32, frame_ids [N] int64).
     """
-    device = clips[-1].device
-    grid_h, grid_w = clips[-1].shape[-2] // patch, clips[-1].shape[-1] // patch
+    _, grid_h, grid_w = _clip_grid(clips[-1], patch)
     positions, frames, start = [], [], 0
     for clip in clips:
-        t, h, w = clip.shape[2], clip.shape[3] // patch, clip.shape[4] // patch
-        ts = torch.arange(start, start + t, device=device, dtype=torch.float32)
-        ys = _grid_positions(grid_h, h, device)
-        xs = _grid_positions(grid_w, w, device)
-        tt, yy, xx = torch.meshgrid(ts, ys, xs, indexing="ij")
+        t, h, w = _clip_grid(clip, patch)
+        ts = torch.arange(start, start + t, dtype=torch.float32, device="cpu")
+        tt, yy, xx = torch.meshgrid(ts, _grid_positions(grid_h, h), _grid_positions(grid_w, w), indexing="ij")
         columns = {"t": tt, "h": yy, "w": xx}
         positions.append(torch.stack([columns[a].reshape(-1) for a in axes], dim=-1))
         frames.append(tt.reshape(-1).long())
@@ -224,8 +269,8 @@ def clip_positions(clips: list[torch.Tensor], patch: int, axes: str = "thw") -> 
     return torch.cat(positions), torch.cat(frames)
 
 
-def _grid_positions(reference: int, size: int, device) -> torch.Tensor:
-    base = torch.arange(reference, dtype=torch.float32, device=device)
+def _grid_positions(reference: int, size: int) -> torch.Tensor:
+    base = torch.arange(reference, dtype=torch.float32, device="cpu")
     if size == reference:
         return base
     return F.interpolate(base[None, None], size=size, mode="linear", align_corners=False)[0, 0]

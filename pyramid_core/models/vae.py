@@ -498,6 +498,14 @@ class CausalVideoVAE(nn.Module):
     def device(self) -> torch.device:
         return self.post_quant_conv.conv.weight.device
 
+    def decode_working_memory_bytes(self, workload, window: int, tile: int) -> int:
+        """Device working memory of one decode step with `window` latent frames and `tile`-pixel tiles
+        (a `pyramid_core.memory.Workload`; the full-resolution up block dominates)."""
+        from ..memory.estimates import vae_decode_working_memory
+
+        channels = (self.decoder.up_blocks[-1].resnets[0].conv1.conv.in_channels, self.decoder.conv_out.conv.in_channels)
+        return vae_decode_working_memory(workload, window, tile, channels)
+
     def _prepare(self, x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != channels:
             raise ValueError(f"{what} must be [B, {channels}, frames, height, width]; got shape {tuple(x.shape)}")

@@ -287,21 +287,19 @@ class PyramidFlowPipeline:
         _check_request(prompt, num_images_per_prompt, output_type)
         streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
         do_cfg = guidance_scale > 0
-        text = self._text(prompt or "", negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg)
-
         if image_latent is None:
             if input_image is None:
                 raise ValueError("generate_i2v needs input_image (or image_latent)")
             pixels, width, height = prepare_image(input_image, width, height)
-            self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)
-            noise = self._initial_noise(temp, height, width, streams.noise)
-            image_latent = self.encode_image(pixels, generator=streams.global_)
         else:
             _, _, _, h, w = image_latent.shape
             width, height = width or w * VAE_DOWNSAMPLE, height or h * VAE_DOWNSAMPLE
             check_resolution(width, height)
-            self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)
-            noise = self._initial_noise(temp, height, width, streams.noise)
+        self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)  # before any component is placed
+        text = self._text(prompt or "", negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg)
+        noise = self._initial_noise(temp, height, width, streams.noise)
+        if image_latent is None:
+            image_latent = self.encode_image(pixels, generator=streams.global_)
         unit_guidance = (
             linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp + 1) if use_linear_guidance else None
         )

@@ -209,12 +209,11 @@ class PyramidTextEncoder(nn.Module):
         root: str | Path,
         family: str,
         dtype: torch.dtype | str = torch.bfloat16,
-        device: torch.device | str = "cpu",
     ) -> "PyramidTextEncoder":
         """Load tokenizers and text encoders offline from an official checkpoint folder (never downloads).
 
         ``root`` is the model folder (e.g. ``pyramid-flow-miniflux/``) holding ``text_encoder*/`` and
-        ``tokenizer*/``; weights are loaded directly in ``dtype`` and then placed on ``device``.
+        ``tokenizer*/``; weights are loaded on the host directly in ``dtype`` (a memory manager places them).
         """
         root = Path(root).expanduser()
         fam = normalize_family(family)
@@ -243,7 +242,7 @@ class PyramidTextEncoder(nn.Module):
             fam, clip_tokenizers, clip_encoders, t5_tokenizer, t5_encoder,
             identity=text_encoder_identity(root, fam, dtype),
         )
-        return encoder.to(device)
+        return encoder
 
     @property
     def pooled_dim(self) -> int:

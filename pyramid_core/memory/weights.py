@@ -149,6 +149,7 @@ class WeightGroup:
             master.copy_(tensor)
             ref.set(master)
         self.host_buffer = buffer
+        pin = pin and self.packed_bytes > 0
         self.pinned = pin and backend.pin(buffer)
         if pin and not self.pinned:
             on_pin_failure(self.packed_bytes)

@@ -54,6 +54,7 @@ from bench._models import build_components  # noqa: E402
 from pyramid_core import PyramidFlowPipeline  # noqa: E402
 from pyramid_core.memory import GiB, MemoryManager  # noqa: E402
 from pyramid_core.models.attention import TokenLayout  # noqa: E402
+from pyramid_core.models.dit import configure_dit  # noqa: E402
 from pyramid_core.sampling import clean_pyramid, history_for_stage  # noqa: E402
 from pyramid_core.text import TextEmbeddings  # noqa: E402
 
@@ -394,12 +395,12 @@ def token_count(clips: list[torch.Tensor]) -> int:
 def attention(dit: torch.nn.Module, mode: str):
     """'segmented', 'masked' (the official dense mask) or 'flash' (segmented, SDPA forced to flash)."""
     old = dit.attention_mode
-    dit.attention_mode = "masked" if mode == "masked" else "segmented"
+    configure_dit(dit, attention_mode="masked" if mode == "masked" else "segmented")
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if mode == "flash" else contextlib.nullcontext():
             yield
     finally:
-        dit.attention_mode = old
+        configure_dit(dit, attention_mode=old)
 
 
 def dense_mask_cached() -> bool | None:

@@ -90,7 +90,7 @@ class LazyBlock(nn.Module):
         self._template = [template]  # a list: not registered as a submodule (no parameters here)
         self.prefix, self.variant, self.timer = prefix, variant, timer
 
-    def forward(self, *args):
+    def forward(self, **kwargs):
         block = copy.deepcopy(self._template[0]).to_empty(device="cpu")
         init_random(block, self.prefix)
         v = self.variant
@@ -103,7 +103,7 @@ class LazyBlock(nn.Module):
             block.to(v.compute)
         start = time.perf_counter()
         with torch.no_grad():
-            out = block(*args)
+            out = block(**kwargs)
         self.timer["s"] += time.perf_counter() - start
         peak = max(t.abs().max().item() for t in (out if isinstance(out, tuple) else (out,)) if t is not None)
         self.timer["residual_peak"] = max(self.timer["residual_peak"], peak)
@@ -221,7 +221,7 @@ def cost_table(repeats: int = 3) -> list[str]:
 
     384p unit 1 stage 1: history + current clip of 240 tokens each, 128 text tokens, CFG batch 2.
     """
-    from pyramid_core.models.attention import TokenLayout
+    from pyramid_core.models.attention import AttentionSpec, TokenLayout
     from pyramid_core.models.flux import FluxSingleTransformerBlock, FluxTransformerBlock
     from pyramid_core.models.layers import clip_positions, rope_cos_sin
 
@@ -258,10 +258,11 @@ def cost_table(repeats: int = 3) -> list[str]:
         for _ in range(repeats):  # interleaved: machine load hits every variant alike
             for name, (dtype, residual, _) in cases.items():
                 double, single = blocks[name]
+                spec = AttentionSpec(layout, compute_dtype=dtype, residual_dtype=residual)
                 start = time.perf_counter()
-                c, h = double(x.to(residual), context.to(residual), temb.to(residual), rope, layout, "segmented",
-                              attention_dtype=dtype)
-                single(torch.cat([c, h], 1), temb.to(residual), rope, layout, "segmented", attention_dtype=dtype)
+                c, h = double(x=x.to(residual), context=context.to(residual), temb=temb.to(residual), rope=rope,
+                              spec=spec)
+                single(x=torch.cat([c, h], 1), temb=temb.to(residual), rope=rope, spec=spec)
                 best[name] = min(best[name], time.perf_counter() - start)
     rows = ["| variant | double + single block, best of %d (CPU) | vs bf16 |" % repeats, "|---|---|---|"]
     for name, seconds in best.items():

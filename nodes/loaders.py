@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from . import comfy as host
 from .managed import OFFLOAD_MODES, ManagedModel, PyramidFlowModel, PyramidFlowTextEncoder, PyramidFlowVAE
 
@@ -63,11 +61,6 @@ def resolve_model(choice: str) -> Path:
     return path
 
 
-def _side_dtype(precision: str) -> torch.dtype:
-    """VAE / text-encoder dtype for the precision widget (fp32 for fp32, and for fp16 whose VAE range is unchecked)."""
-    return torch.float32 if precision in ("fp32", "fp16") else torch.bfloat16
-
-
 class PyramidFlowCoreModelLoader:
     DESCRIPTION = (
         "Loads a Pyramid Flow DiT from models/pyramidflow (official folder: also gives its VAE and text "
@@ -104,8 +97,8 @@ class PyramidFlowCoreModelLoader:
         }
 
     def load(self, model, variant, precision, offload, vram_budget_gb=0.0, resident_blocks=0, attention="segmented"):
-        from pyramid_core.loading import load_vae, resolve_model_folder
-        from pyramid_core.precision import load_dit_for_precision, set_attention_backend
+        from pyramid_core.loading import load_components, precision_settings, resolve_model_folder
+        from pyramid_core.precision import configure_dit
 
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
@@ -114,23 +107,22 @@ class PyramidFlowCoreModelLoader:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         path = resolve_model(model)
-        loaded, compute = load_dit_for_precision(path, variant, precision=precision)
-        side_dtype = _side_dtype(precision)
-        if attention == "masked":
-            loaded.model.attention_mode = "masked"
-        else:
-            set_attention_backend(loaded.model, "sdpa" if attention == "segmented" else attention)
+        compute, fp8 = precision_settings(precision)
+        folder = resolve_model_folder(path) if path.is_dir() else None  # else a single-file DiT
+        wanted = ("dit", "vae") if folder is not None and folder.vae is not None else ("dit",)
+        parts = load_components(path, variant, dtype=compute, fp8=fp8, components=wanted)
+        loaded, dtypes = parts.dit, parts.dtypes
+        configure_dit(loaded.model, attention_mode="masked" if attention == "masked" else "segmented",
+                      attention_backend=attention if attention in ("sage", "flash") else "sdpa")
         dit = ManagedModel.wrap(loaded.model, compute, host.torch_device(), host.dit_offload_device())
         result = PyramidFlowModel(dit, loaded.family, loaded.variant, compute, offload, float(vram_budget_gb),
                                   int(resident_blocks), str(path))
         vae = text_encoder = None
-        if path.is_dir():
-            folder = resolve_model_folder(path)
-            if folder.vae is not None:
-                vae_model = load_vae(folder.root, dtype=side_dtype).model
-                vae = PyramidFlowVAE(ManagedModel.wrap(vae_model, side_dtype, *host.vae_devices()), loaded.family, side_dtype)
-            if folder.text_encoders:
-                text_encoder = PyramidFlowTextEncoder(folder.root, loaded.family, side_dtype)
+        if parts.vae is not None:
+            vae = PyramidFlowVAE(ManagedModel.wrap(parts.vae.model, dtypes.vae, *host.vae_devices()), loaded.family,
+                                 dtypes.vae)
+        if folder is not None and folder.text_encoders:  # loaded on first use, in the policy's dtype
+            text_encoder = PyramidFlowTextEncoder(folder.root, loaded.family, dtypes.text_encoder)
         return (result, vae, text_encoder)
 
 
@@ -153,7 +145,7 @@ class PyramidFlowCoreVAELoader:
         }
 
     def load(self, vae, precision, latent_family):
-        from pyramid_core.loading import load_vae
+        from pyramid_core.loading import load_components, precision_settings
 
         path = host.full_path(host.VAE_FOLDER, vae)
         if path is None:
@@ -163,6 +155,7 @@ class PyramidFlowCoreVAELoader:
             )
         if latent_family not in FAMILY_CHOICES:
             raise ValueError(f"latent_family must be one of {', '.join(FAMILY_CHOICES)}, got {latent_family!r}")
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        model = load_vae(path, dtype=dtype).model
-        return (PyramidFlowVAE(ManagedModel.wrap(model, dtype, *host.vae_devices()), FAMILY_CHOICES[latent_family], dtype),)
+        parts = load_components(path, dtype=precision_settings(precision)[0], components=("vae",))
+        dtype = parts.dtypes.vae
+        return (PyramidFlowVAE(ManagedModel.wrap(parts.vae.model, dtype, *host.vae_devices()), FAMILY_CHOICES[latent_family],
+                               dtype),)

@@ -124,36 +124,31 @@ class PyramidFlowPipeline:
         attention_backend: str = "sdpa",
         compile_blocks: bool = False,
     ) -> "PyramidFlowPipeline":
-        """Load an official model folder (rain1011/pyramid-flow-miniflux or -sd3 layout).
+        """Load an official model folder (rain1011/pyramid-flow-miniflux or -sd3 layout) with `load_components`.
 
         `offload`: a memory plan name - none, model, block_swap, sequential or auto (see
         `pyramid_core.memory`). Weights are loaded on the host and placed by the memory plan.
         `budget_gb`: device budget for 'auto' (default: free device memory minus a margin);
         `resident_blocks` / `prefetch`: K and the streamed-block slots of 'block_swap'.
-        `dtype` is the compute dtype (bf16 as trained; fp16 keeps the residual streams in fp32; fp32).
+        `dtype` is the compute dtype (bf16 as trained; fp16 keeps the residual streams in fp32; fp32); the
+        VAE's and text encoders' dtypes follow from it (`pyramid_core.loading.component_dtypes`).
         `fp8`: store the DiT's Linear weights as float8 with per-'row' or per-'tensor' scales (Kijai's fp8
         files are kept in fp8 either way). `attention_backend`: 'sdpa', 'sage' or 'flash' (when installed).
         `compile_blocks`: torch.compile each transformer block.
         """
-        from . import precision
-        from .loading import load_dit, load_vae as load_vae_model, resolve_model_folder
+        from .loading import load_components, resolve_model_folder
 
         folder = resolve_model_folder(path)
-        loaded = load_dit(folder.root, variant, dtype=dtype, keep_float8=True)
-        stored_fp8 = precision.has_fp8_weights(loaded.model)
-        precision.configure_dit_precision(loaded.model, dtype, fp8=None if stored_fp8 else fp8)
-        precision.set_attention_backend(loaded.model, attention_backend)
-        if compile_blocks:
-            precision.compile_blocks(loaded.model)
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # the VAE's range is unchecked in fp16
-        vae = load_vae_model(folder.root, dtype=vae_dtype).model if load_vae else None
-        text_encoder = PyramidTextEncoder.from_folder(folder.root, loaded.family, dtype=dtype) if load_text_encoder else None
+        optional = {"vae": load_vae, "text_encoder": load_text_encoder}
+        wanted = ("dit", *(name for name, load in optional.items() if load))
+        parts = load_components(folder.root, variant, dtype=dtype, fp8=fp8, attention_backend=attention_backend,
+                                compile_blocks=compile_blocks, components=wanted)
         memory = MemoryManager(
             plan=offload, device=torch.device(device) if device else default_device(),
             budget_gb=budget_gb, resident_blocks=resident_blocks, prefetch=prefetch,
         )
-        return cls(loaded.model.eval(), vae.eval() if vae is not None else None, text_encoder,
-                   loaded.family, loaded.variant, dtype, memory)
+        vae = parts.vae.model if parts.vae is not None else None
+        return cls(parts.dit.model, vae, parts.text_encoder, parts.family, parts.variant, dtype, memory)
 
     # ------------------------------------------------------------------ text
     def encode_prompt(

@@ -2,8 +2,8 @@
 
 fp16: the official fp16 run overflows (NaN, black video; FACTS 8.1) because the residual streams and the
 branch outputs added to them exceed 65504. The DiTs here keep the residual streams in fp32 whenever the
-compute dtype is fp16 (`model.residual_dtype`, default automatic); every Linear and attention kernel still
-runs in fp16 (see `pyramid_core.models.layers.Linear`).
+compute dtype is fp16 (`configure_dit(model, residual_dtype=...)`, default automatic); every Linear and
+attention kernel still runs in fp16 (see `pyramid_core.models.layers.Linear`).
 
 fp8: Linear weights stored as float8_e4m3fn plus an fp32 scale (per output row or per tensor), dequantised
 to the compute dtype (bf16 or fp16) at each call. Parameter names stay the official ones
@@ -22,16 +22,19 @@ import torch
 from torch import nn
 
 from .models.attention import attention_backends, register_attention_backend, set_attention_backend
+from .models.dit import DiTSettings, configure_dit
 from .models.layers import mixed_precision_linear, residual_dtype_for
 
 __all__ = [
     "DEFAULT_FP8_KEEP",
+    "DiTSettings",
     "PRECISIONS",
     "FP8_GRANULARITIES",
     "Fp8Linear",
     "apply_fp8_storage",
     "attention_backends",
     "compile_blocks",
+    "configure_dit",
     "configure_dit_precision",
     "fp8_dequantize",
     "fp8_quantize",
@@ -257,12 +260,10 @@ def set_residual_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module
     """Residual-stream dtype of a DiT: None = automatic (fp32 under fp16 compute, else the compute dtype).
 
     torch.float16 reproduces the official fp16 flow (overflows on the real weights); torch.float32 under
-    bf16 compute is a slightly more accurate, slightly slower variant of the official bf16 flow.
+    bf16 compute is a slightly more accurate, slightly slower variant of the official bf16 flow. Shorthand
+    for `configure_dit(model, residual_dtype=dtype)`.
     """
-    if dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"residual dtype must be None, fp16, bf16 or fp32, got {dtype}")
-    model.residual_dtype = dtype
-    return model
+    return configure_dit(model, residual_dtype=dtype)
 
 
 def configure_dit_precision(
@@ -339,20 +340,14 @@ def _recompile_limit_option(limit: int | None) -> dict[str, int]:
 
 def load_dit_for_precision(
     path, variant: str | None = None, *, precision: str = "bf16", fp8_granularity: str = "row",
-    device: str | torch.device = "cpu",
 ):
     """Load a DiT set up for `precision` (bf16, fp16, fp32, or fp8 = fp8 storage with bf16 compute).
 
-    float8 tensors of a file (Kijai's fp8 repacks) stay float8 whatever the precision, so such a file never
-    needs a full-size copy in RAM. Returns (LoadedModel, compute dtype).
+    A thin alias of `pyramid_core.loading.load_components(path, variant, components=("dit",), ...)`, the one
+    loading entry. Returns (LoadedModel, compute dtype).
     """
-    from .loading import load_dit
+    from .loading import load_components, precision_settings
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    compute = PRECISIONS[precision]
-    loaded = load_dit(path, variant, dtype=compute, device=device, keep_float8=True)
-    fp8 = fp8_granularity if precision == "fp8" and not has_fp8_weights(loaded.model) else None
-    configure_dit_precision(loaded.model, compute, fp8=fp8)
-    return loaded, compute
+    compute, fp8 = precision_settings(precision, fp8_granularity)
+    return load_components(path, variant, dtype=compute, fp8=fp8, components=("dit",)).dit, compute
 

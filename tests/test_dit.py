@@ -1,4 +1,5 @@
 """The two DiTs against the official forward passes (fixtures) and the official key tables."""
+import copy
 import json
 import re
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from pyramid_core.models.attention import TokenLayout, masked_attention, segmented_attention
+from pyramid_core.models.dit import DiTSettings, configure_dit
 from pyramid_core.models.flux import PyramidFluxTransformer
 from pyramid_core.models.mmdit import PyramidMMDiT
 from tests.reference import FIXTURES, assert_matches, case, case_ids, model_dir, tensors
@@ -51,7 +53,7 @@ def test_dit_forward_matches_official(tiny_models, case_id, mode):
     entry = case(case_id)
     t = tensors(case_id)
     dit = tiny_models[entry["model"]]
-    dit.attention_mode = mode
+    configure_dit(dit, attention_mode=mode)
     clips = [t[name] for name in entry["inputs"]["sample"][0]]
     with torch.no_grad():
         out = dit(clips, t["timestep_ratio"], t["encoder_hidden_states"], t["encoder_attention_mask"], t["pooled_projections"])
@@ -66,7 +68,7 @@ def test_segmented_path_never_builds_the_dense_mask(tiny_models, monkeypatch):
     case_id = "miniflux_tiny/dit/t2v_unit2_stage2_step1"
     entry, t = case(case_id), tensors(case_id)
     dit = tiny_models["miniflux_tiny"]
-    dit.attention_mode = "segmented"
+    configure_dit(dit, attention_mode="segmented")
     with torch.no_grad():
         dit([t[n] for n in entry["inputs"]["sample"][0]], t["timestep_ratio"], t["encoder_hidden_states"],
             t["encoder_attention_mask"], t["pooled_projections"])
@@ -147,8 +149,25 @@ def test_fused_path_reads_the_layout_from_the_device_once_per_forward(tiny_model
     case_id = f"{model}/dit/t2v_unit2_stage2_step1"
     entry, t = case(case_id), tensors(case_id)
     dit = tiny_models[model]
-    dit.attention_mode = "segmented"
+    configure_dit(dit, attention_mode="segmented")
     with torch.no_grad():
         dit([t[n] for n in entry["inputs"]["sample"][0]], t["timestep_ratio"], t["encoder_hidden_states"],
             t["encoder_attention_mask"], t["pooled_projections"])
     assert len(calls) <= 2, f"{len(calls)} tolist() calls in one forward"
+
+
+def test_configure_dit_is_the_one_setter_of_the_settings(tiny_models):
+    dit = copy.deepcopy(tiny_models["sd3_tiny"])
+    with pytest.raises(AttributeError, match=r"configure_dit\(model, attention_mode="):
+        dit.attention_mode = "masked"
+    configure_dit(dit, attention_mode="masked", residual_dtype=torch.float32)
+    configure_dit(dit, attention_backend="sdpa")  # keywords left out keep their values
+    assert (dit.attention_mode, dit.attention_backend, dit.residual_dtype) == ("masked", "sdpa", torch.float32)
+    configure_dit(dit, residual_dtype=None)  # None: automatic again
+    assert dit.settings == DiTSettings(attention_mode="masked")
+    with pytest.raises(ValueError, match="segmented"):
+        configure_dit(dit, attention_mode="dense")
+    with pytest.raises(ValueError, match="residual dtype"):
+        configure_dit(dit, residual_dtype=torch.float64)
+    with pytest.raises(TypeError, match="Pyramid Flow DiT"):
+        configure_dit(torch.nn.Linear(2, 2), attention_mode="masked")

@@ -29,6 +29,7 @@ from pyramid_core import PyramidFlowPipeline
 from pyramid_core.loading import load_dit
 from pyramid_core.memory import MemoryManager
 from pyramid_core.models.attention import HostTextMask, TokenLayout, masked_attention, segmented_attention
+from pyramid_core.models.dit import configure_dit
 from pyramid_core.models.layers import clip_positions, frame_token_counts
 from pyramid_core.sampling import PyramidSampler, StepInfo, history_for_stage, history_levels
 from pyramid_core.scheduler import PyramidFlowScheduler, euler_step, model_timestep
@@ -135,7 +136,7 @@ def guard_sampling(monkeypatch, guard: TransferGuard) -> None:
 def meta_pipeline(model: str, dtype: torch.dtype, mode: str) -> PyramidFlowPipeline:
     loaded = load_dit(model_dir(model), "diffusion_transformer_384p", dtype=torch.float32)
     dit = loaded.model.eval()
-    dit.attention_mode = mode
+    configure_dit(dit, attention_mode=mode)
     memory = MemoryManager("none", device="meta", offload_device="cpu")
     return PyramidFlowPipeline(dit, None, None, loaded.family, loaded.variant, dtype, memory)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from pyramid_core import loading as L
 from pyramid_core.loading import CheckpointError
+from pyramid_core.loading import checkpoint as reading
 from tests.reference import FIXTURES, model_dir
 
 FAMILY_MODEL = {"flux": "miniflux_tiny", "mmdit": "sd3_tiny"}
@@ -294,7 +295,7 @@ def test_loaded_tensors_own_aligned_memory(tmp_path, load):
 
 @pytest.mark.parametrize("stored", [torch.float32, torch.float8_e4m3fn])
 def test_cast_while_reading_in_small_chunks_matches_tensor_to(tmp_path, monkeypatch, stored):
-    monkeypatch.setattr(L, "_STAGING_BYTES", 100)  # chunk ends fall mid-row (25 fp32 / 100 fp8 values)
+    monkeypatch.setattr(reading, "_STAGING_BYTES", 100)  # chunk ends fall mid-row (25 fp32 / 100 fp8 values)
     source = {k: v.to(stored) for k, v in _weights(_dit_dir("flux")).items()}
     path = L.save_single_file(source, tmp_path / "flux.safetensors")
     loaded = L.load_dit(path, dtype=torch.bfloat16)
@@ -484,10 +485,14 @@ def test_text_encoder_file_is_named_as_such():
             L.detect_family(reader)
 
 
-def test_fp8_file_on_torch_without_float8(tmp_path, monkeypatch):
+def test_tensor_dtype_the_loader_cannot_read_is_named(tmp_path):
     path = L.save_single_file(_weights(_dit_dir("flux")), tmp_path / "dit_fp8.safetensors", dtype=torch.float8_e4m3fn)
-    monkeypatch.setattr(L, "_float8_supported", lambda: False)
-    with pytest.raises(CheckpointError, match=r"dit_fp8\.safetensors stores float8 tensors \(F8_E4M3\).*torch 2\.1 or newer"):
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + header_len].replace(b'"F8_E4M3"', b'"F8_E8M0"', 1)  # same size: byte ranges still hold
+    path.write_bytes(data[:8] + header + data[8 + header_len :])
+    with pytest.raises(CheckpointError, match=r"dit_fp8\.safetensors is not a usable safetensors file: tensor '.+' has "
+                                              r"dtype F8_E8M0, which this loader cannot read"):
         L.load_dit(path)
 
 

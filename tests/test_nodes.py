@@ -10,7 +10,6 @@ import av
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import nodes
 from nodes import comfy as gateway
@@ -18,6 +17,7 @@ from pyramid_core.loading import load_dit, load_vae, save_single_file
 from pyramid_core.pipeline import RandomStreams
 from pyramid_core.text import DEFAULT_NEGATIVE_PROMPT
 from tests import comfy_double
+from tests.helpers import make_base
 from tests.reference import REPO_ROOT, assert_frames_match, assert_matches, case, model_dir, tensors
 
 PROMPT = "a cat walking on the beach at sunset"
@@ -27,20 +27,6 @@ KIJAI_KEYS = {
     "PyramidFlowLatentPreview", "DownloadAndLoadPyramidFlowModel",
 }
 M = nodes.NODE_CLASS_MAPPINGS
-
-
-def make_base(root):
-    """A ComfyUI base folder: the read-only fixtures linked in, plus a 768p alias of the 384p DiT."""
-    for name, source in (("pyramid-flow-miniflux", model_dir("miniflux_tiny")), ("pyramid-flow-sd3", model_dir("sd3_tiny"))):
-        folder = root / "models" / "pyramidflow" / name
-        folder.mkdir(parents=True)
-        for sub in source.iterdir():
-            (folder / sub.name).symlink_to(sub)
-        (folder / "diffusion_transformer_768p").symlink_to(source / "diffusion_transformer_384p")
-    (root / "input").mkdir(parents=True, exist_ok=True)
-    gradient = np.linspace(0, 255, 96 * 80 * 3).reshape(80, 96, 3).astype(np.uint8)  # 96x80: exercises cover-crop
-    Image.fromarray(gradient).save(root / "input" / "example.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ import torch
 
 from pyramid_core import PyramidFlowPipeline
 from pyramid_core.loading import load_dit, save_single_file
-from pyramid_core.models.attention import TokenLayout, joint_attention, masked_attention, sdpa
+from pyramid_core.models.attention import AttentionSpec, TokenLayout, joint_attention, masked_attention, sdpa
 from pyramid_core.models.layers import mixed_precision_linear
 from pyramid_core.precision import (
     Fp8Linear,
     apply_fp8_storage,
     compile_blocks,
+    configure_dit,
     configure_dit_precision,
     fp8_dequantize,
     fp8_quantize,
@@ -129,7 +130,7 @@ def test_fp16_attention_rescales_values_beyond_fp16_range():
     q, k = (torch.randn(1, 2, 7, 16, generator=gen) for _ in range(2))
     v = torch.randn(1, 2, 7, 16, generator=gen) * 3e5
     reference = masked_attention(q, k, v, layout)
-    out = joint_attention(q, k, v, layout, "segmented", sdpa, torch.float16)
+    out = joint_attention(q, k, v, AttentionSpec(layout, compute_dtype=torch.float16, residual_dtype=torch.float32))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     real = [0, 1, 3, 4, 5, 6]
     assert rel_err(out[:, :, real], reference[:, :, real]) < 2e-3
@@ -242,7 +243,7 @@ def test_attention_backend_selection_errors(tiny_models):
             with pytest.raises(ImportError, match=f"pip install {package}"):
                 set_attention_backend(dit, name)
     register_attention_backend("test-sdpa", sdpa)
-    dit.attention_mode = "masked"
+    configure_dit(dit, attention_mode="masked")
     with pytest.raises(ValueError, match="segmented"):
         set_attention_backend(dit, "test-sdpa")
 

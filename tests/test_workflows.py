@@ -7,7 +7,7 @@ import pytest
 import nodes
 from tests import comfy_double
 from tests.reference import REPO_ROOT
-from tests.test_nodes import make_base
+from tests.helpers import make_base
 
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 # the tiny checkpoint is 64x64 with short videos: shrink only size, length and steps

@@ -14,8 +14,9 @@ pick flash / memory-efficient kernels. `masked_attention` is the plain reference
 The layout (frame segments from the clip shapes, sample groups from a host copy of the text mask) is
 worked out on the host once per DiT forward, so no attention call waits for the device.
 
-The unmasked kernel is pluggable (`set_attention_backend`): PyTorch SDPA (default), SageAttention
-or flash-attn, or any registered function taking [B, H, L, D] q/k/v (Lq may differ from Lk).
+What a block needs besides its data (layout, mode, kernel, dtypes) travels as one `AttentionSpec`. The
+unmasked kernel is pluggable (`configure_dit(model, attention_backend=...)`): PyTorch SDPA (default),
+SageAttention or flash-attn, or any registered function taking [B, H, L, D] q/k/v (Lq may differ from Lk).
 """
 from __future__ import annotations
 
@@ -197,6 +198,30 @@ class TokenLayout:
         return same_group & causal[None, None]
 
 
+ATTENTION_MODES = ("segmented", "masked")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionSpec:
+    """What a DiT block needs besides its data; built once per DiT forward and handed to every block.
+
+    layout: where text and frames sit in the joint sequence. compute_dtype: the attention kernels' dtype (the
+    DiT's input and output dtype). residual_dtype: the residual streams' dtype, which modulated activations
+    return to before each Linear. mode: 'segmented' (fused per-frame kernels) or 'masked' (the official dense
+    mask, SDPA). kernel: the unmasked attention function of the segmented path.
+    """
+
+    layout: TokenLayout
+    compute_dtype: torch.dtype
+    residual_dtype: torch.dtype
+    mode: str = "segmented"
+    kernel: AttentionFn = sdpa
+
+    def __post_init__(self) -> None:
+        if self.mode not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention mode {self.mode!r}; choose one of {ATTENTION_MODES}")
+
+
 def _run_lengths(values: list[int]) -> list[int]:
     """Lengths of the runs of equal consecutive values."""
     lengths: list[int] = []
@@ -259,32 +284,24 @@ def segmented_attention(
     return out
 
 
-ATTENTION_MODES = ("segmented", "masked")
-
-
 @torch.compiler.disable  # data-dependent Python loop over frames: keep it out of compiled block graphs
-def joint_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, mode: str = "segmented",
-    attend: AttentionFn = sdpa, dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Dispatch to the fused segmented path (default) or the dense-mask reference path.
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """Attention over the joint sequence as `spec` says: fused segmented path or dense-mask reference.
 
-    `dtype`: kernel dtype (None = as given). The result comes back in v's dtype. Going from wider v to
-    fp16, v is divided per (sample, head) by a power of two when it would not fit fp16 (attention is
-    linear in v, so the scale is undone exactly afterwards); q and k are RMS-normalised, hence bounded.
+    q, k, v [B, H, L, D] run in `spec.compute_dtype`; the result comes back in v's dtype. Going from wider v to
+    fp16, v is divided per (sample, head) by a power of two when it would not fit fp16 (attention is linear
+    in v, so the scale is undone exactly afterwards); q and k are RMS-normalised, hence bounded.
     """
-    out_dtype, v_scale = v.dtype, None
-    if dtype is not None and (q.dtype, k.dtype, v.dtype) != (dtype, dtype, dtype):
+    dtype, out_dtype, v_scale = spec.compute_dtype, v.dtype, None
+    if (q.dtype, k.dtype, v.dtype) != (dtype, dtype, dtype):
         if dtype == torch.float16 and v.dtype != torch.float16:
             v_scale = pow2_scale(v, (-2, -1), limit=FP16_MAX / 4).clamp_min(1.0).to(v.dtype)
             v = v / v_scale
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if mode == "segmented":
-        out = segmented_attention(q, k, v, layout, attend)
-    elif mode == "masked":
-        out = masked_attention(q, k, v, layout)
+    if spec.mode == "segmented":
+        out = segmented_attention(q, k, v, spec.layout, spec.kernel)
     else:
-        raise ValueError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
+        out = masked_attention(q, k, v, spec.layout)
     out = out.to(out_dtype)
     return out if v_scale is None else out * v_scale
 
@@ -358,13 +375,10 @@ def resolve_attention_backend(name: str) -> AttentionFn:
 
 
 def set_attention_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """Run the DiT's segmented attention with backend `name` ('sdpa' | 'sage' | 'flash' | registered)."""
-    fn = resolve_attention_backend(name)
-    if name != "sdpa" and getattr(model, "attention_mode", "segmented") != "segmented":
-        raise ValueError(
-            f"attention backend {name!r} plugs into the segmented path, but this model uses attention_mode="
-            f"{model.attention_mode!r} (the dense-mask reference, SDPA only); set model.attention_mode = 'segmented'"
-        )
-    model.attention_fn = fn
-    model.attention_backend = name
-    return model
+    """Run the DiT's segmented attention with backend `name` ('sdpa' | 'sage' | 'flash' | registered).
+
+    Shorthand for `configure_dit(model, attention_backend=name)`.
+    """
+    from .dit import configure_dit  # dit builds on this module
+
+    return configure_dit(model, attention_backend=name)

@@ -11,7 +11,7 @@ activation dtype. That is how the DiTs run fp16 without overflow: the residual s
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,10 @@ except ImportError as exc:  # pragma: no cover - diffusers is a hard dependency
 __all__ = [
     "AdaLayerNormContinuous",
     "AdaLayerNormZero",
-    "AdaLayerNormZeroSingle",
     "CombinedTimestepTextProjEmbeddings",
     "FeedForward",
     "Linear",
+    "Modulation",
     "RMSNorm",
     "apply_rope",
     "clip_positions",
@@ -37,6 +37,7 @@ __all__ = [
     "layer_norm_fp32",
     "mixed_precision_linear",
     "pow2_scale",
+    "project_heads",
     "residual_dtype_for",
     "rope_cos_sin",
     "rope_on_device",
@@ -138,36 +139,57 @@ class RMSNorm(nn.Module):
         return x.to(input_dtype) if self.cast_to_input else x
 
 
+def project_heads(
+    x: torch.Tensor,
+    to_q: nn.Module,
+    to_k: nn.Module,
+    to_v: nn.Module,
+    norm_q: nn.Module,
+    norm_k: nn.Module,
+    *,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values [B, H, L, D] of tokens x [B, L, dim], q and k normalised per head."""
+    shape = (x.shape[0], x.shape[1], heads, -1)
+    q = norm_q(to_q(x).view(shape))
+    k = norm_k(to_k(x).view(shape))
+    v = to_v(x).view(shape)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 def layer_norm_fp32(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Affine-free LayerNorm computed in fp32 (what autocast does); returns fp32."""
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
+class Modulation(NamedTuple):
+    """One adaLN-Zero modulation, vectors [B, 1, D]: shift and scale the normalised input, gate the branch output."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+    def modulate(self, x: torch.Tensor) -> torch.Tensor:
+        """Affine-free LayerNorm of x (fp32), scaled and shifted; returns fp32."""
+        return layer_norm_fp32(x) * (1 + self.scale) + self.shift
+
+
 class AdaLayerNormZero(nn.Module):
-    """adaLN-Zero: six modulation vectors (shift, scale, gate for attention and MLP) from temb."""
+    """adaLN-Zero modulations of a block from temb: (attention, MLP), or one shared when not `double`.
 
-    def __init__(self, dim: int):
+    Double-stream blocks take two (`norm1.linear`: 6 * dim outputs); single-stream blocks one for their
+    parallel attention and MLP branches (`norm.linear`: 3 * dim).
+    """
+
+    def __init__(self, dim: int, double: bool = True):
         super().__init__()
-        self.linear = Linear(dim, 6 * dim)
+        self.double = double
+        self.linear = Linear(dim, (6 if double else 3) * dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor):
-        """Returns (modulated x (fp32), gate_msa, shift_mlp, scale_mlp, gate_mlp), vectors [B,1,D]."""
-        emb = self.linear(F.silu(temb)).to(x.dtype)[:, None]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=-1)
-        return layer_norm_fp32(x) * (1 + scale_msa) + shift_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-
-
-class AdaLayerNormZeroSingle(nn.Module):
-    """adaLN-Zero for the single-stream blocks: (shift, scale, gate)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = Linear(dim, 3 * dim)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor):
-        emb = self.linear(F.silu(temb)).to(x.dtype)[:, None]
-        shift, scale, gate = emb.chunk(3, dim=-1)
-        return layer_norm_fp32(x) * (1 + scale) + shift, gate
+    def forward(self, temb: torch.Tensor) -> tuple[Modulation, Modulation | None]:
+        """(attention, MLP) modulations in temb's dtype; the second is None when not `double`."""
+        chunks = self.linear(F.silu(temb))[:, None].chunk(6 if self.double else 3, dim=-1)
+        return Modulation(*chunks[:3]), (Modulation(*chunks[3:]) if self.double else None)
 
 
 class AdaLayerNormContinuous(nn.Module):

@@ -5,8 +5,8 @@ clip last) -> velocity of the current clip. Spatial positions come from the stor
 table (cropped around the centre, resized for lower-resolution history); temporal positions
 from a RoPE over the whole head dim.
 
-dtypes as in the miniFLUX DiT: the clips' dtype is the compute dtype, the residual streams run in
-`residual_dtype` (None = fp32 under fp16, otherwise the compute dtype = official flow).
+dtypes as in the miniFLUX DiT: the clips' dtype is the compute dtype, the residual streams run in the
+`residual_dtype` setting (`configure_dit`; None = fp32 under fp16, otherwise the compute dtype = official flow).
 """
 from __future__ import annotations
 
@@ -14,18 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFn, HostTextMask, TokenLayout, joint_attention, sdpa
-from .layers import (
-    AdaLayerNormContinuous,
-    AdaLayerNormZero,
-    CombinedTimestepTextProjEmbeddings,
-    FeedForward,
-    Linear,
-    RMSNorm,
-    apply_rope,
-    residual_dtype_for,
-    rope_on_device,
-)
+from .attention import AttentionSpec
+from .dit import PyramidDiT
+from .double_stream import DoubleStreamAttention, DoubleStreamBlock
+from .layers import AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings, Linear, RMSNorm, rope_on_device
 
 
 def sincos_table_2d(dim: int, grid: int, base_size: int) -> torch.Tensor:
@@ -79,13 +71,12 @@ class PatchEmbed(nn.Module):
         return torch.cat(tokens, dim=1)
 
 
-class JointAttention(nn.Module):
+class JointAttention(DoubleStreamAttention):
     """MMDiT joint attention; `context_pre_only` (last block) drops the text output projection."""
 
     def __init__(self, dim: int, heads: int, context_pre_only: bool):
-        super().__init__()
+        super().__init__(heads, context_pre_only)
         head_dim = dim // heads
-        self.heads = heads
         self.to_q, self.to_k, self.to_v = (Linear(dim, dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-5, cast_to_input=True), RMSNorm(head_dim, 1e-5, cast_to_input=True)
         self.add_k_proj, self.add_v_proj, self.add_q_proj = (Linear(dim, dim) for _ in range(3))
@@ -94,65 +85,19 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([Linear(dim, dim), nn.Dropout(0.0)])
         if not context_pre_only:
             self.to_add_out = Linear(dim, dim)
-        self.context_pre_only = context_pre_only
 
-    def _split(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        shape = (x.shape[0], x.shape[1], self.heads, -1)
-        q, k, v = norm_q(to_q(x).view(shape)), norm_k(to_k(x).view(shape)), to_v(x).view(shape)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def forward(self, x, context, rope, layout, mode, attend, attention_dtype=None):
-        q, k, v = self._split(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        cq, ck, cv = self._split(context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_add_q, self.norm_add_k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # text sits at frame 0: identity rotation
-        out = joint_attention(
-            torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), layout, mode, attend, attention_dtype
-        )
-        out = out.transpose(1, 2).flatten(2)
-        text_len = context.shape[1]
-        context_out = None if self.context_pre_only else self.to_add_out(out[:, :text_len])
-        return self.to_out[0](out[:, text_len:]), context_out
+    def context_norms(self) -> tuple[nn.Module, nn.Module]:
+        return self.norm_add_q, self.norm_add_k
 
 
-class JointTransformerBlock(nn.Module):
+class JointTransformerBlock(DoubleStreamBlock):
     """MMDiT block: video and text streams with their own weights, one joint attention."""
 
     def __init__(self, dim: int, heads: int, context_pre_only: bool):
-        super().__init__()
-        self.context_pre_only = context_pre_only
-        self.norm1 = AdaLayerNormZero(dim)
-        self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
-        self.attn = JointAttention(dim, heads, context_pre_only)
-        self.ff = FeedForward(dim, dim)
-        if not context_pre_only:
-            self.ff_context = FeedForward(dim, dim)
-
-    def forward(
-        self, x, context, temb, rope, layout, mode="segmented", attend: AttentionFn = sdpa, attention_dtype=None
-    ):
-        """`attention_dtype`: attention kernel dtype (None = the residual dtype x carries)."""
-        dtype = x.dtype  # residual dtype: the Linears take it (fp32 under fp16 compute: see layers.Linear)
-        x_mod, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, temb)
-        if self.context_pre_only:
-            c_mod = self.norm1_context(context, temb)
-        else:
-            c_mod, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, temb)
-        attn_out, context_attn_out = self.attn(
-            x_mod.to(dtype), c_mod.to(dtype), rope, layout, mode, attend, attention_dtype
-        )
-
-        x = x + gate_msa * attn_out
-        x_mod = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6) * (1 + scale_mlp) + shift_mlp
-        x = x + gate_mlp * self.ff(x_mod.to(dtype))
-        if self.context_pre_only:
-            return None, x
-        context = context + c_gate_msa * context_attn_out
-        c_mod = F.layer_norm(context.float(), (context.shape[-1],), eps=1e-6) * (1 + c_scale_mlp) + c_shift_mlp
-        context = context + c_gate_mlp * self.ff_context(c_mod.to(dtype))
-        return context, x
+        super().__init__(dim, JointAttention(dim, heads, context_pre_only), context_pre_only)
 
 
-class PyramidMMDiT(nn.Module):
+class PyramidMMDiT(PyramidDiT):
     """SD3-style MMDiT with Pyramid Flow's temporal RoPE and frame-causal attention (official names)."""
 
     def __init__(
@@ -179,7 +124,7 @@ class PyramidMMDiT(nn.Module):
         use_gradient_checkpointing: bool = False,
         **unused,
     ):
-        super().__init__()
+        super().__init__(token_patch=patch_size)
         if qk_norm != "rms_norm" or pos_embed_type != "sincos" or temp_pos_embed_type != "rope":
             raise ValueError(
                 "PyramidMMDiT supports the released configuration only "
@@ -193,12 +138,8 @@ class PyramidMMDiT(nn.Module):
         dim = num_attention_heads * attention_head_dim
         if caption_projection_dim != dim:
             raise ValueError(f"caption_projection_dim {caption_projection_dim} must equal heads*head_dim = {dim}")
-        self.patch_size = patch_size
         self.in_channels = in_channels
         self.head_dim = attention_head_dim
-        self.attention_mode = "segmented"
-        self.attention_fn: AttentionFn = sdpa
-        self.residual_dtype: torch.dtype | None = None  # None: residual_dtype_for(compute dtype)
         self.pos_embed = PatchEmbed(in_channels, dim, patch_size, pos_embed_max_size, sample_size // patch_size)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
         self.context_embedder = Linear(joint_attention_dim, caption_projection_dim)
@@ -213,45 +154,12 @@ class PyramidMMDiT(nn.Module):
         """Transformer blocks in execution order (what block swap streams)."""
         return list(self.transformer_blocks)
 
-    def working_memory_bytes(self, workload) -> int:
-        """Device working memory of one forward at the workload's largest unit (a `pyramid_core.memory.Workload`)."""
-        from ..memory.estimates import dit_working_memory
-
-        dense = self.attention_mode == "masked"
-        return dit_working_memory(workload, self.context_embedder.out_features, self.patch_size, dense_mask=dense)
-
-    def forward(
-        self,
-        clips: list[torch.Tensor],
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | HostTextMask | None,
-        pooled_projections: torch.Tensor,
+    def transform(
+        self, *, clips: list[torch.Tensor], context: torch.Tensor, temb: torch.Tensor, spec: AttentionSpec
     ) -> torch.Tensor:
-        """Velocity for the current (last) clip, [B, C, t, h, w], from history + current clips.
-
-        `encoder_attention_mask`: [B, T] (a device tensor is read once per forward), a `HostTextMask` (never
-        read from the device), or None (all text real). Positions and RoPE come from the clip shapes.
-        """
-        current = clips[-1]
-        dtype = current.dtype
-        residual = self.residual_dtype or residual_dtype_for(dtype)
-        batch = encoder_hidden_states.shape[0]
-        p = self.patch_size
-        layout = TokenLayout.from_clips(clips, p, encoder_attention_mask, encoder_hidden_states.shape[:2])
-
-        temb = self.time_text_embed(timestep, pooled_projections).to(residual)
-        context = self.context_embedder(encoder_hidden_states.to(residual))
-        x = self.pos_embed(clips).to(residual)
-
-        rope = rope_on_device(clips, p, "t", [self.head_dim], current.device)
-        mode, attend = self.attention_mode, self.attention_fn
+        """Video tokens embedded and run through the blocks with the text (see `PyramidDiT.transform`)."""
+        x = self.pos_embed(clips).to(spec.residual_dtype)
+        rope = rope_on_device(clips, self.token_patch, "t", [self.head_dim], clips[-1].device)
         for block in self.transformer_blocks:
-            context, x = block(x, context, temb, rope, layout, mode, attend, dtype)
-
-        _, c, t, h, w = current.shape
-        current_tokens = x[:, -t * (h // p) * (w // p) :]
-        out = self.proj_out(self.norm_out(current_tokens, temb).to(residual)).to(dtype)
-        out = out.reshape(batch, t, h // p, w // p, p, p, c)
-        return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, c, t, h, w)
-
+            context, x = block(x=x, context=context, temb=temb, rope=rope, spec=spec)
+        return x

@@ -1,0 +1,97 @@
+"""The double-stream block both DiTs share: video and text keep their own weights and attend jointly.
+
+miniFLUX's `FluxTransformerBlock` and MMDiT's `JointTransformerBlock` compute the same thing under the
+same parameter names (`norm1`, `norm1_context`, `attn`, `ff`, `ff_context`); their attentions differ only in
+the q/k norms (epsilon, dtype rule, the text norms' names), which the family modules define.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import AttentionSpec, joint_attention
+from .layers import AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, Modulation, apply_rope, project_heads
+
+__all__ = ["DoubleStreamAttention", "DoubleStreamBlock"]
+
+
+class DoubleStreamAttention(nn.Module):
+    """Joint attention of a double-stream block over the sequence [text; video].
+
+    Video and text project to heads with their own weights and back with their own output projections.
+    Subclasses register the parameters under their checkpoint's names: `to_q`, `to_k`, `to_v`, `norm_q`,
+    `norm_k`, `add_q_proj`, `add_k_proj`, `add_v_proj`, the text q/k norms (returned by `context_norms`),
+    `to_out` and, unless `context_pre_only`, `to_add_out`.
+    """
+
+    def __init__(self, heads: int, context_pre_only: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.context_pre_only = context_pre_only
+
+    def context_norms(self) -> tuple[nn.Module, nn.Module]:
+        """The per-head q and k norms of the text stream."""
+        raise NotImplementedError
+
+    def forward(
+        self, *, x: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spec: AttentionSpec
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(video output, text output); the text output is None when `context_pre_only`."""
+        q, k, v = project_heads(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, heads=self.heads)
+        cq, ck, cv = project_heads(
+            context, self.add_q_proj, self.add_k_proj, self.add_v_proj, *self.context_norms(), heads=self.heads
+        )
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # video only: text sits at the origin (identity rotation)
+        out = joint_attention(torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), spec)
+        out = out.transpose(1, 2).flatten(2)
+        text_len = context.shape[1]
+        context_out = None if self.context_pre_only else self.to_add_out(out[:, :text_len])
+        return self.to_out[0](out[:, text_len:]), context_out
+
+
+class DoubleStreamBlock(nn.Module):
+    """adaLN-Zero attention and MLP on the video and text streams, each with its own weights, one joint attention.
+
+    `context_pre_only` (MMDiT's last block): the text stream is only read (a continuous norm, no text output).
+    """
+
+    def __init__(self, dim: int, attn: DoubleStreamAttention, context_pre_only: bool = False):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.norm1 = AdaLayerNormZero(dim)
+        self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
+        self.attn = attn
+        self.ff = FeedForward(dim, dim)
+        if not context_pre_only:
+            self.ff_context = FeedForward(dim, dim)
+
+    def forward(
+        self,
+        *,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        spec: AttentionSpec,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(text stream, video stream) after the block; the text stream is None after a `context_pre_only` block."""
+        residual = spec.residual_dtype  # the Linears take it (fp32 under fp16 compute: see layers.Linear)
+        x_attn, x_mlp = self.norm1(temb)
+        if self.context_pre_only:
+            context_in = self.norm1_context(context, temb)
+        else:
+            context_attn, context_mlp = self.norm1_context(temb)
+            context_in = context_attn.modulate(context)
+        x_out, context_out = self.attn(
+            x=x_attn.modulate(x).to(residual), context=context_in.to(residual), rope=rope, spec=spec
+        )
+        x = _add_mlp(x + x_attn.gate * x_out, x_mlp, self.ff, residual)
+        if self.context_pre_only:
+            return None, x
+        context = _add_mlp(context + context_attn.gate * context_out, context_mlp, self.ff_context, residual)
+        return context, x
+
+
+def _add_mlp(stream: torch.Tensor, modulation: Modulation, ff: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The stream plus its gated MLP branch (the modulated input brought back to `dtype` for the Linears)."""
+    return stream + modulation.gate * ff(modulation.modulate(stream).to(dtype))

@@ -1,12 +1,27 @@
 """Code shared by several test modules (test modules never import each other)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from safetensors.torch import load_file
 
+from pyramid_core.models.flux import PyramidFluxTransformer
+from pyramid_core.models.mmdit import PyramidMMDiT
 from tests.reference import model_dir
+
+TINY_DIT_CLASSES = {"miniflux_tiny": PyramidFluxTransformer, "sd3_tiny": PyramidMMDiT}
+
+
+def build_tiny(model: str):
+    """A tiny fixture DiT built from its config and loaded with load_state_dict (not through our loader)."""
+    folder = model_dir(model) / "diffusion_transformer_384p"
+    config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
+    dit = TINY_DIT_CLASSES[model](**config)
+    dit.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
+    return dit.eval()
 
 
 def make_base(root: Path) -> Path:

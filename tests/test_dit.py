@@ -12,9 +12,9 @@ from pyramid_core.models.attention import TokenLayout, masked_attention, segment
 from pyramid_core.models.dit import DiTSettings, configure_dit
 from pyramid_core.models.flux import PyramidFluxTransformer
 from pyramid_core.models.mmdit import PyramidMMDiT
+from tests.helpers import TINY_DIT_CLASSES as MODEL_CLASSES, build_tiny
 from tests.reference import FIXTURES, assert_matches, case, case_ids, model_dir, tensors
 
-MODEL_CLASSES = {"miniflux_tiny": PyramidFluxTransformer, "sd3_tiny": PyramidMMDiT}
 
 # released config.json values (FACTS 1.4) + the loader-only arguments of the official pipeline
 REAL_CONFIGS = {
@@ -32,14 +32,6 @@ REAL_CONFIGS = {
     ),
 }
 KEY_TABLES = {"flux": "pyramid_flow_keys_flux.tsv", "mmdit": "pyramid_flow_keys_mmdit.tsv"}
-
-
-def build_tiny(model: str):
-    folder = model_dir(model) / "diffusion_transformer_384p"
-    config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
-    dit = MODEL_CLASSES[model](**config)
-    dit.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
-    return dit.eval()
 
 
 @pytest.fixture(scope="module")

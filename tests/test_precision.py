@@ -24,7 +24,7 @@ from pyramid_core.precision import (
     wrap_fp8_checkpoint,
 )
 from tests.reference import assert_matches, case, model_dir, tensors
-from tests.test_dit import build_tiny
+from tests.helpers import build_tiny
 
 MODELS = ["miniflux_tiny", "sd3_tiny"]
 CASE = "{}/dit/t2v_unit2_stage2_step1"  # two history clips at two resolutions + current clip

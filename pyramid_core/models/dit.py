@@ -6,6 +6,8 @@ with the clip shapes and the text mask, into one `AttentionSpec` that every bloc
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -107,7 +109,7 @@ def unpatchify(tokens: torch.Tensor, t: int, h: int, w: int, patch: int) -> torc
     return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, -1, t, h, w)
 
 
-class PyramidDiT(nn.Module):
+class PyramidDiT(nn.Module, abc.ABC):
     """Base of the Pyramid Flow DiTs: settings, working-memory estimate, the forward's start and end.
 
     Subclasses own the parameters under the official names; the helpers here use `time_text_embed`,
@@ -177,6 +179,7 @@ class PyramidDiT(nn.Module):
         out = self.proj_out(self.norm_out(current_tokens, temb).to(spec.residual_dtype))
         return unpatchify(out.to(spec.compute_dtype), t, h, w, p)
 
+    @abc.abstractmethod
     def transform(
         self, *, clips: list[torch.Tensor], context: torch.Tensor, temb: torch.Tensor, spec: AttentionSpec
     ) -> torch.Tensor:

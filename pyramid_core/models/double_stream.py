@@ -6,6 +6,8 @@ the q/k norms (epsilon, dtype rule, the text norms' names), which the family mod
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from .layers import AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, Modul
 __all__ = ["DoubleStreamAttention", "DoubleStreamBlock"]
 
 
-class DoubleStreamAttention(nn.Module):
+class DoubleStreamAttention(nn.Module, abc.ABC):
     """Joint attention of a double-stream block over the sequence [text; video].
 
     Video and text project to heads with their own weights and back with their own output projections.
@@ -29,6 +31,7 @@ class DoubleStreamAttention(nn.Module):
         self.heads = heads
         self.context_pre_only = context_pre_only
 
+    @abc.abstractmethod
     def context_norms(self) -> tuple[nn.Module, nn.Module]:
         """The per-head q and k norms of the text stream."""
         raise NotImplementedError

@@ -10,7 +10,7 @@ import importlib
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -105,14 +105,6 @@ def total_memory(device: torch.device) -> int:
     return 0
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    if HAVE_COMFY:
-        return int(_mm.get_free_memory(device))
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return 0
-
-
 # ------------------------------------------------------------------------------- model management
 
 
@@ -125,14 +117,6 @@ class StandalonePatcher:
 
     def model_size(self) -> int:
         return self.size
-
-    def current_loaded_device(self) -> torch.device:
-        for param in self.model.parameters():
-            return param.device
-        return self.offload_device
-
-    def loaded_size(self) -> int:
-        return self.size if self.current_loaded_device() == self.load_device else 0
 
     def detach(self, unpatch_all: bool = True) -> torch.nn.Module:
         self.model.to(self.offload_device)
@@ -285,10 +269,6 @@ def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, int, str
         raise ValueError(f"filename_prefix {prefix!r} points outside the output folder {out}")
     folder.mkdir(parents=True, exist_ok=True)
     return folder, stem, 1, subfolder
-
-
-def metadata_disabled() -> bool:
-    return bool(HAVE_COMFY and _args is not None and getattr(_args, "disable_metadata", False))
 
 
 # ------------------------------------------------------------------------------------------ video

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pyramid_core import settings
+
 from . import comfy as host
 from .managed import OFFLOAD_MODES, ManagedModel, PyramidFlowModel, PyramidFlowTextEncoder, PyramidFlowVAE
 
@@ -13,11 +15,12 @@ NO_MODEL = (
     "or a single-file DiT in models/diffusion_models/"
 )
 NO_VAE = "(none found) put pyramid_flow_vae_bf16.safetensors in models/vae/"
-VARIANTS = ("384p", "768p", "image")
-PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
+VARIANTS = tuple(v.alias for v in settings.VARIANTS.values())
+PRECISIONS = tuple(settings.PRECISIONS)
 # segmented = fused per-frame SDPA; sage / flash = the same path on those kernels; masked = official dense mask
-ATTENTION_BACKENDS = ("segmented", "masked", "sage", "flash")
-FAMILY_CHOICES = {"miniflux": "flux", "sd3": "mmdit"}
+ATTENTION_BACKENDS = (*settings.ATTENTION_MODES, *(k for k in settings.ATTENTION_KERNELS if k != "sdpa"))
+VAE_PRECISIONS = ("bf16", "fp32")  # fp16 compute keeps the VAE in fp32 anyway (loading.component_dtypes)
+FAMILY_CHOICES = {family.title.lower(): key for key, family in settings.FAMILIES.items()}  # miniflux, sd3
 
 
 def _model_folders() -> dict[str, Path]:
@@ -81,7 +84,7 @@ class PyramidFlowCoreModelLoader:
         return {
             "required": {
                 "model": (model_choices(), {"tooltip": "official folder in models/pyramidflow, or diffusion_models/<file>"}),
-                "variant": (list(VARIANTS), {"default": "384p", "tooltip": "DiT variant folder (a label for single files)"}),
+                "variant": (list(VARIANTS), {"default": settings.VARIANTS[settings.DEFAULT_VARIANT].alias, "tooltip": "DiT variant folder (a label for single files)"}),
                 "precision": (list(PRECISIONS), {"default": "bf16",
                               "tooltip": "bf16 = official; fp16 for GPUs without bf16 (residual streams kept in fp32); fp32; fp8 halves DiT memory"}),
                 "offload": (list(OFFLOAD_MODES), {"default": "auto",
@@ -138,7 +141,7 @@ class PyramidFlowCoreVAELoader:
         return {
             "required": {
                 "vae": (vae_choices(), {"tooltip": "file in models/vae"}),
-                "precision": (["bf16", "fp32"], {"default": "bf16"}),
+                "precision": (list(VAE_PRECISIONS), {"default": "bf16"}),
                 "latent_family": (list(FAMILY_CHOICES), {"default": "miniflux",
                                   "tooltip": "which DiT the latents belong to (first-frame latent factors differ)"}),
             }

@@ -16,13 +16,16 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from pyramid_core.settings import PLACEMENTS
+
 from . import comfy as host
 
 logger = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("auto", "none", "model", "block_swap", "sequential")
+OFFLOAD_MODES = ("auto", *PLACEMENTS)  # the widget lists auto first: it is the default
 GIB = 1024**3
 AUTO_HEADROOM = 1.5 * GIB  # kept free for activations when "auto" decides whether the DiT fits
+FAMILY_KEY = "pyramidflow_family"  # LATENT dict key: which DiT family's latent factors apply
 
 
 class ModelHolder(nn.Module):

@@ -4,30 +4,35 @@ from __future__ import annotations
 import torch
 
 from pyramid_core.pipeline import PyramidFlowPipeline
+from pyramid_core.settings import DEFAULT_VARIANT, DEFAULTS, FAMILIES, FPS, SIZE_MULTIPLE, VARIANTS
 from pyramid_core.validation import (
-    FPS, TRAINED_TEMP_LIMITS, check_resolution, frames_for_temp, parse_steps, temp_for_duration,
+    check_guidance, check_resolution, check_seed, check_temp, parse_steps, temp_for_duration,
 )
 
 from . import comfy as host
-from .managed import ComfyMemory, PyramidFlowConditioning, PyramidFlowModel, PyramidFlowVAE, inference_bytes
+from .managed import FAMILY_KEY, ComfyMemory, PyramidFlowConditioning, PyramidFlowModel, PyramidFlowVAE, inference_bytes
 from .preview import latent_preview
 
 CATEGORY = "PyramidFlow"
-FAMILY_KEY = "pyramidflow_family"  # LATENT dict key: which DiT family's latent factors apply
-FAMILY_NAMES = {"flux": "miniFLUX", "mmdit": "SD3"}
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
+SEED_MAX = DEFAULTS.seed_limit - 1
+MAX_TEMP = max(v.trained_temp for v in VARIANTS.values())
+MAX_SIDE = 2048  # widget limit; larger sizes are refused by the memory estimate anyway
 
 
 def pick_temp(variant: str, temp: int, seconds: float) -> int:
-    """Latent frames from the widgets (seconds > 0 wins), checked against what the variant was trained for."""
+    """Latent frames from the widgets (seconds > 0 wins). Beyond what the variant was trained for it warns
+    and runs, as everywhere in pyramid_core (`validation.temp_beyond_training`)."""
     temp = temp_for_duration(seconds, FPS) if seconds > 0 else int(temp)
-    limit = TRAINED_TEMP_LIMITS.get(variant)
-    if temp < 1 or (limit is not None and temp > limit):
-        allowed = f"1..{limit} ({frames_for_temp(limit)} frames, {frames_for_temp(limit) / FPS:.1f} s at {FPS} fps)" if limit else ">= 1"
-        hint = " Use the 768p model for longer videos (up to temp 31)." if limit == 16 else ""
-        hint += " The image model makes single images: temp 1, seconds 0." if limit == 1 else ""
-        raise ValueError(f"{variant} supports temp {allowed}; got temp {temp}.{hint}")
+    check_temp(temp, variant)
     return temp
+
+
+def _steps_text(steps: tuple[int, ...]) -> str:
+    return ", ".join(map(str, steps))  # as the widget shows them: "20, 20, 20"
+
+
+def _sizes(side: str) -> str:
+    return ", ".join(f"{v.alias}: {getattr(v, side)}" for v in VARIANTS.values())
 
 
 def _start_latent(latent: dict, family: str, width: int, height: int) -> torch.Tensor:
@@ -35,7 +40,7 @@ def _start_latent(latent: dict, family: str, width: int, height: int) -> torch.T
     if samples.ndim != 5 or samples.shape[1] != 16:
         raise ValueError(f"start_latent must be a Pyramid Flow latent [B,16,T,h,w]; got shape {tuple(samples.shape)}")
     if latent.get(FAMILY_KEY, family) != family:
-        raise ValueError(f"start_latent was encoded for {FAMILY_NAMES[latent[FAMILY_KEY]]}, the model is {FAMILY_NAMES[family]}")
+        raise ValueError(f"start_latent was encoded for {FAMILIES[latent[FAMILY_KEY]].title}, the model is {FAMILIES[family].title}")
     h, w = samples.shape[-2] * 8, samples.shape[-1] * 8
     if (w, h) != (width, height):
         raise ValueError(f"start_latent is {w}x{h}; set width and height to {w} and {h}, or connect start_image instead")
@@ -58,19 +63,24 @@ class PyramidFlowCoreSampler:
             "required": {
                 "model": ("PYRAMIDFLOW_MODEL",),
                 "conditioning": ("PYRAMIDFLOW_CONDITIONING",),
-                "width": ("INT", {"default": 640, "min": 64, "max": 2048, "step": 64, "tooltip": "multiple of 64; 384p: 640, 768p: 1280"}),
-                "height": ("INT", {"default": 384, "min": 64, "max": 2048, "step": 64, "tooltip": "multiple of 64; 384p: 384, 768p: 768"}),
-                "temp": ("INT", {"default": 16, "min": 1, "max": 31,
-                         "tooltip": "latent frames (video frames = 8*(temp-1)+1): 384p up to 16 (5 s), 768p up to 31 (10 s)"}),
+                "width": ("INT", {"default": VARIANTS[DEFAULT_VARIANT].width, "min": SIZE_MULTIPLE, "max": MAX_SIDE,
+                          "step": SIZE_MULTIPLE, "tooltip": f"multiple of 64; {_sizes('width')}"}),
+                "height": ("INT", {"default": VARIANTS[DEFAULT_VARIANT].height, "min": SIZE_MULTIPLE, "max": MAX_SIDE,
+                           "step": SIZE_MULTIPLE, "tooltip": f"multiple of 64; {_sizes('height')}"}),
+                "temp": ("INT", {"default": VARIANTS[DEFAULT_VARIANT].default_temp, "min": 1, "max": MAX_TEMP,
+                         "tooltip": "latent frames (video frames = 8*(temp-1)+1): " + ", ".join(
+                             f"{v.alias} trained up to {v.trained_temp}" for v in VARIANTS.values() if v.makes_video)
+                         + " (longer runs, with a warning)"}),
                 "seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.5,
-                            "tooltip": "if > 0: the length in seconds at 24 fps, replacing temp"}),
-                "first_frame_steps": ("STRING", {"default": "20, 20, 20", "tooltip": "steps per pyramid stage for the first frame"}),
-                "video_steps": ("STRING", {"default": "10, 10, 10",
+                            "tooltip": f"if > 0: the length in seconds at {FPS} fps, replacing temp"}),
+                "first_frame_steps": ("STRING", {"default": _steps_text(DEFAULTS.steps),
+                                      "tooltip": "steps per pyramid stage for the first frame"}),
+                "video_steps": ("STRING", {"default": _steps_text(DEFAULTS.video_steps),
                                 "tooltip": "steps per pyramid stage for later frames (image-to-video uses these for every frame)"}),
-                "guidance_scale": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                "guidance_scale": ("FLOAT", {"default": DEFAULTS.guidance, "min": 0.0, "max": 30.0, "step": 0.1,
                                    "tooltip": "first-frame CFG (0 turns CFG off); 7 for 384p, 7-9 for 768p"}),
-                "video_guidance_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                         "tooltip": "CFG of later frames: higher = more motion; 4 for image-to-video"}),
+                "video_guidance_scale": ("FLOAT", {"default": DEFAULTS.video_guidance, "min": 0.0, "max": 30.0, "step": 0.1,
+                                         "tooltip": f"CFG of later frames: higher = more motion; {DEFAULTS.i2v_video_guidance:g} for image-to-video"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX}),
             },
             "optional": {
@@ -84,12 +94,15 @@ class PyramidFlowCoreSampler:
                first_frame_steps, video_steps, guidance_scale, video_guidance_scale, seed,
                start_image=None, vae: PyramidFlowVAE | None = None, start_latent=None):
         check_resolution(width, height)
+        guidance_scale = check_guidance(guidance_scale, "guidance_scale")
+        video_guidance_scale = check_guidance(video_guidance_scale, "video_guidance_scale")
+        check_seed(int(seed))
         temp = pick_temp(model.variant, temp, seconds)
         first, video = parse_steps(first_frame_steps, "first_frame_steps"), parse_steps(video_steps, "video_steps")
         if conditioning.family != model.family:
             raise ValueError(
-                f"the conditioning was made for {FAMILY_NAMES[conditioning.family]} but the model is "
-                f"{FAMILY_NAMES[model.family]}: use that model's text encoder or the matching CLIP loader"
+                f"the conditioning was made for {FAMILIES[conditioning.family].title} but the model is "
+                f"{FAMILIES[model.family].title}: use that model's text encoder or the matching CLIP loader"
             )
         if start_image is not None and start_latent is not None:
             raise ValueError("connect start_image or start_latent, not both")

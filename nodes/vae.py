@@ -3,21 +3,20 @@ from __future__ import annotations
 
 import torch
 
-from pyramid_core.pipeline import PyramidFlowPipeline
+from pyramid_core.codec import LatentCodec
 from pyramid_core.validation import check_resolution
 
 from . import comfy as host
-from .managed import ComfyMemory, PyramidFlowVAE
-from .sampler import FAMILY_KEY
+from .managed import FAMILY_KEY, ComfyMemory, PyramidFlowVAE
 
 CATEGORY = "PyramidFlow"
 TILING = ("auto", "enabled", "disabled")
 CHUNKING = ("auto", "low_memory", "fast")
 
 
-def _vae_pipeline(vae: PyramidFlowVAE, family: str) -> PyramidFlowPipeline:
-    # a pipeline with only a VAE: decode/encode run through the same memory plan as sampling
-    return PyramidFlowPipeline(None, vae.vae.module, None, family, "", vae.dtype, ComfyMemory({"vae": vae.vae}, "none"))
+def _codec(vae: PyramidFlowVAE, family: str) -> LatentCodec:
+    # the VAE under ComfyUI's model management, through the same memory plan as sampling
+    return LatentCodec(ComfyMemory({"vae": vae.vae}, "none"), family)
 
 
 class PyramidFlowCoreVAEDecode:
@@ -50,8 +49,16 @@ class PyramidFlowCoreVAEDecode:
                 f"got shape {tuple(latents.shape)}"
             )
         host.check_interrupt()
-        pipe = _vae_pipeline(vae, samples.get(FAMILY_KEY, vae.family))
-        frames = pipe.decode(latents, output_type="float", save_memory=chunking != "fast", tiling=tiling != "disabled")
+        bars: list = []  # made on the first report, which carries the total (temporal chunks x spatial tiles)
+
+        def progress(done: int, total: int) -> None:
+            if not bars:
+                bars.append(host.progress_bar(total))
+            bars[0].update_absolute(done, total)
+            host.check_interrupt()
+
+        frames = _codec(vae, samples.get(FAMILY_KEY, vae.family)).decode(
+            latents, "float", save_memory=chunking != "fast", tiling=tiling != "disabled", progress=progress)
         return (frames.to(host.intermediate_device(), torch.float32),)
 
 
@@ -78,5 +85,5 @@ class PyramidFlowCoreVAEEncode:
         check_resolution(width, height)
         host.check_interrupt()
         pixels = image[..., :3].float().permute(3, 0, 1, 2)[None] * 2 - 1  # [1,3,F,H,W] in [-1,1]
-        latents = _vae_pipeline(vae, vae.family).encode_video(pixels)
+        latents = _codec(vae, vae.family).encode_video(pixels)
         return ({"samples": latents.to(host.intermediate_device()), FAMILY_KEY: vae.family},)

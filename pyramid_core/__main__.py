@@ -1,4 +1,4 @@
-"""`python -m pyramid_core generate|demo`: see `pyramid_core.cli`."""
+"""`python -m pyramid_core generate|demo|decode|models`: see `pyramid_core.cli`."""
 import sys
 
 from .cli import main

@@ -7,13 +7,12 @@ Its videos are noise: the weights are random.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,11 +26,12 @@ from .loading import (
     model_class,
     save_single_file,
 )
+from .loading.quiet import quiet_transformers
+from .settings import FAMILIES
 
-__all__ = ["DEMO_VARIANT", "FAMILIES", "build_tiny_model", "quiet_transformers"]
+__all__ = ["DEMO_VARIANT", "build_tiny_model"]
 
 DEMO_VARIANT = "diffusion_transformer_384p"
-FAMILIES = ("flux", "mmdit")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # Text the tokenizers learn from: plain words of the kind video prompts use.
@@ -80,20 +80,6 @@ def build_tiny_model(folder: str | Path, family: str = "flux", seed: int = 0) ->
     with quiet_transformers():
         _write_all(root, family, seed)
     return root
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' own progress bars (shard writing/loading) for the duration of the block."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _write_all(root: Path, family: str, seed: int) -> None:

@@ -6,23 +6,26 @@ the command line and the ComfyUI nodes.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .latent_format import decode_latents, frames_to_float, normalize_latents, denormalize_latents
+from .codec import FRAME_TYPES, DecodeProgress, LatentCodec
+from .images import start_image_warnings
 from .memory import MemoryManager, default_device
 from .models.layers import host_to_device
 from .sampling import PyramidSampler, StepCallback, UnitCallback, linear_guidance_scales
 from .scheduler import PyramidFlowScheduler
 from .text import DEFAULT_NEGATIVE_PROMPT, PyramidTextEncoder, TextEmbeddingCache, TextEmbeddings
-from .validation import check_resolution, check_steps, check_temp
+from .settings import DEFAULT_VARIANT
+from .validation import check_guidance, check_resolution, check_seed, check_steps, check_temp
 
-OUTPUT_TYPES = ("latent", "pt", "np", "pil", "float")
+OUTPUT_TYPES = ("latent", *FRAME_TYPES)
 LATENT_CHANNELS = 16
 VAE_DOWNSAMPLE = 8
 
@@ -73,6 +76,8 @@ def prepare_image(image: Any, width: int | None, height: int | None) -> tuple[to
     width = width or pil.width
     height = height or pil.height
     check_resolution(width, height)
+    for message in start_image_warnings(pil.width, pil.height, width, height):
+        warnings.warn(message, stacklevel=3)
     if pil.size != (width, height):
         scale = max(width / pil.width, height / pil.height)
         resized = pil.resize((max(width, round(pil.width * scale)), max(height, round(pil.height * scale))), Image.LANCZOS)
@@ -96,10 +101,12 @@ class PyramidFlowPipeline:
     memory: MemoryManager = field(default_factory=MemoryManager)
     scheduler: PyramidFlowScheduler = field(default_factory=PyramidFlowScheduler)
     text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)
+    codec: LatentCodec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("text_encoder", "dit", "vae"):
             self.memory.register(name, getattr(self, name))
+        self.codec = LatentCodec(self.memory, self.family, has_vae=self.vae is not None)
 
     @property
     def device(self) -> torch.device:
@@ -109,8 +116,8 @@ class PyramidFlowPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
-        variant: str = "diffusion_transformer_384p",
+        path: str | Path | Mapping[str, str | Path],
+        variant: str = DEFAULT_VARIANT,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         *,
@@ -124,7 +131,8 @@ class PyramidFlowPipeline:
         attention_backend: str = "sdpa",
         compile_blocks: bool = False,
     ) -> "PyramidFlowPipeline":
-        """Load an official model folder (rain1011/pyramid-flow-miniflux or -sd3 layout) with `load_components`.
+        """Load an official model folder (rain1011/pyramid-flow-miniflux or -sd3 layout), or single files given
+        as component -> path ({"dit": file, "vae": file, "text_encoder": folder}), with `load_components`.
 
         `offload`: a memory plan name - none, model, block_swap, sequential or auto (see
         `pyramid_core.memory`). Weights are loaded on the host and placed by the memory plan.
@@ -138,10 +146,10 @@ class PyramidFlowPipeline:
         """
         from .loading import load_components, resolve_model_folder
 
-        folder = resolve_model_folder(path)
+        source = path if isinstance(path, Mapping) else resolve_model_folder(path).root
         optional = {"vae": load_vae, "text_encoder": load_text_encoder}
         wanted = ("dit", *(name for name, load in optional.items() if load))
-        parts = load_components(folder.root, variant, dtype=dtype, fp8=fp8, attention_backend=attention_backend,
+        parts = load_components(source, variant, dtype=dtype, fp8=fp8, attention_backend=attention_backend,
                                 compile_blocks=compile_blocks, components=wanted)
         memory = MemoryManager(
             plan=offload, device=torch.device(device) if device else default_device(),
@@ -216,8 +224,10 @@ class PyramidFlowPipeline:
         step_callback: StepCallback | None = None,
         unit_callback: UnitCallback | None = None,
         vae_tiling: bool = True,
+        decode_callback: DecodeProgress | None = None,
     ):
-        """Text-to-video (temp > 1) or text-to-image (temp = 1). Returns frames or latents per `output_type`."""
+        """Text-to-video (temp > 1) or text-to-image (temp = 1). Returns frames or latents per `output_type`;
+        `decode_callback(done, total)` reports the VAE decode in latent frames."""
         if height is None or width is None:
             raise ValueError("height and width are required (multiples of 64, e.g. 640x384 for 384p, 1280x768 for 768p)")
         check_resolution(width, height)
@@ -225,6 +235,7 @@ class PyramidFlowPipeline:
         first_steps = check_steps(num_inference_steps, "num_inference_steps")
         video_steps = check_steps(video_num_inference_steps, "video_num_inference_steps")
         _check_request(prompt, num_images_per_prompt, output_type)
+        _check_guidance_and_seed(guidance_scale, video_guidance_scale, seed)
         streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
         do_cfg = guidance_scale > 0
         self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)
@@ -239,7 +250,7 @@ class PyramidFlowPipeline:
             video_steps=video_steps, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
             unit_guidance=unit_guidance,
         )
-        return self._output(latents, output_type, save_memory, vae_tiling)
+        return self._output(latents, output_type, save_memory, vae_tiling, decode_callback)
 
     @torch.no_grad()
     def generate_i2v(
@@ -269,17 +280,20 @@ class PyramidFlowPipeline:
         unit_callback: UnitCallback | None = None,
         vae_tiling: bool = True,
         image_latent: torch.Tensor | None = None,
+        decode_callback: DecodeProgress | None = None,
     ):
         """Image-to-video: `temp` latent frames in total, frame 0 being the encoded `input_image`.
 
         `image_latent` (DiT-space [1,16,1,h,w]) may replace `input_image` (e.g. from a VAE-encode node).
         An image whose size differs from width x height is scaled to cover and centre-cropped.
+        `decode_callback(done, total)` reports the VAE decode in latent frames.
         """
         if not isinstance(temp, int) or temp < 2:
             raise ValueError(f"image-to-video needs temp >= 2 (the image is frame 0), got {temp!r}")
         check_temp(temp, self.variant)
         steps = check_steps(num_inference_steps, "num_inference_steps")
         _check_request(prompt, num_images_per_prompt, output_type)
+        _check_guidance_and_seed(guidance_scale, video_guidance_scale, seed)
         streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
         do_cfg = guidance_scale > 0
         if image_latent is None:
@@ -303,68 +317,25 @@ class PyramidFlowPipeline:
             video_steps=steps, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
             first_frame_latent=image_latent.to(self.dtype), unit_guidance=unit_guidance,
         )
-        return self._output(latents, output_type, save_memory, vae_tiling)
+        return self._output(latents, output_type, save_memory, vae_tiling, decode_callback)
 
-    # ------------------------------------------------------------------ VAE
-    def _require_vae(self) -> torch.nn.Module:
-        if self.vae is None:
-            raise ValueError("this pipeline has no VAE: load one (load_vae=True) or use output_type='latent'")
-        return self.vae
-
-    @torch.no_grad()
+    # ------------------------------------------------------------------ VAE (delegated to the codec)
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """[1,3,1,H,W] pixels in [-1,1] -> DiT-space image latent (posterior sample, image factors)."""
-        self._require_vae()
-        with self.memory.use("vae") as vae:
-            vae_dtype = next(vae.parameters()).dtype
-            posterior = vae.encode(pixels.to(self.device, vae_dtype))
-            sample = posterior.sample(generator=generator)
-        return normalize_latents(sample, self.family)
+        return self.codec.encode_image(pixels, generator=generator)
 
-    @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """[B,3,F,H,W] pixels in [-1,1] (F = 8k+1) -> DiT-space latents (posterior mean unless `sample`)."""
-        self._require_vae()
-        frames = pixels.shape[2]
-        if (frames - 1) % 8:
-            raise ValueError(
-                f"the causal VAE encodes 8k+1 frames (1, 9, 17, 25, ...); got {frames}: drop "
-                f"{(frames - 1) % 8} frame(s) or add {8 - (frames - 1) % 8}"
-            )
-        with self.memory.use("vae") as vae:
-            vae_dtype = next(vae.parameters()).dtype
-            posterior = vae.encode(pixels.to(self.device, vae_dtype), temporal_chunk=frames > 17)
-            raw = posterior.sample(generator=generator) if sample else posterior.mean
-        return normalize_latents(raw, self.family)
+        return self.codec.encode_video(pixels, sample=sample, generator=generator)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str = "pt", save_memory: bool = True, tiling: bool = True):
-        """DiT-space latents -> frames: 'pt' uint8 [F,H,W,3], 'np', 'pil' (list), 'float' [F,H,W,3] in [0,1]."""
+    def decode(self, latents: torch.Tensor, output_type: str = "pt", save_memory: bool = True, tiling: bool = True,
+               progress: DecodeProgress | None = None):
+        """DiT-space latents -> frames: 'pt' uint8 [F,H,W,3], 'np', 'pil' (list), 'float' [F,H,W,3] in [0,1];
+        'latent' returns `latents`. `progress(done, total)`: latent frames decoded (see `LatentCodec.decode`)."""
         _check_output_type(output_type)
         if output_type == "latent":
             return latents
-        self._require_vae()
-        window, tile = self.memory.vae_decode_settings(save_memory)
-        with self.memory.oom_guard("decoding"), self.memory.use("vae") as vae:
-            if output_type == "float":
-                frames = self._decode_float(vae, latents, window, tile, tiling)
-            else:
-                frames = decode_latents(vae, latents.to(self.device), self.family, save_memory=save_memory, tiling=tiling,
-                                        window_size=window, tile_sample_min_size=tile)
-        if output_type == "np":
-            return frames.numpy()
-        if output_type == "pil":
-            return [Image.fromarray(frame) for frame in frames.numpy()]
-        return frames
-
-    def _decode_float(self, vae, latents, window, tile, tiling) -> torch.Tensor:
-        raw = denormalize_latents(latents.to(self.device), self.family)
-        pieces: list[torch.Tensor] = []
-        vae.decode_to_host(
-            raw, temporal_chunk=True, window_size=window, tile_sample_min_size=tile, tiling=tiling,
-            frame_callback=lambda first, frames: pieces.append(frames_to_float(frames)), return_frames=False,
-        )
-        return torch.cat(pieces)
+        return self.codec.decode(latents, output_type, save_memory=save_memory, tiling=tiling, progress=progress)
 
     # ------------------------------------------------------------------ helpers
     def _initial_noise(self, temp: int, height: int, width: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -384,10 +355,18 @@ class PyramidFlowPipeline:
             )
             return sampler.sample(noise, text, **settings)
 
-    def _output(self, latents: torch.Tensor, output_type: str, save_memory: bool, tiling: bool):
+    def _output(self, latents: torch.Tensor, output_type: str, save_memory: bool, tiling: bool,
+                progress: DecodeProgress | None):
         if output_type == "latent":
             return latents
-        return self.decode(latents, output_type=output_type, save_memory=save_memory, tiling=tiling)
+        return self.decode(latents, output_type=output_type, save_memory=save_memory, tiling=tiling, progress=progress)
+
+
+def _check_guidance_and_seed(guidance_scale: float, video_guidance_scale: float, seed: int | None) -> None:
+    check_guidance(guidance_scale, "guidance_scale")
+    check_guidance(video_guidance_scale, "video_guidance_scale")
+    if seed is not None:
+        check_seed(seed)
 
 
 def _check_request(prompt, num_images_per_prompt: int, output_type: str) -> None:

@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .settings import FP8_GRANULARITIES
 from .models.attention import attention_backends, register_attention_backend, set_attention_backend
 from .models.dit import DiTSettings, configure_dit
 from .models.layers import mixed_precision_linear, residual_dtype_for
@@ -28,7 +29,6 @@ from .models.layers import mixed_precision_linear, residual_dtype_for
 __all__ = [
     "DEFAULT_FP8_KEEP",
     "DiTSettings",
-    "PRECISIONS",
     "FP8_GRANULARITIES",
     "Fp8Linear",
     "apply_fp8_storage",
@@ -39,7 +39,6 @@ __all__ = [
     "fp8_dequantize",
     "fp8_quantize",
     "has_fp8_weights",
-    "load_dit_for_precision",
     "quantize_linear_fp8",
     "register_attention_backend",
     "residual_dtype_for",
@@ -48,26 +47,13 @@ __all__ = [
     "wrap_fp8_checkpoint",
 ]
 
-FP8_GRANULARITIES = ("row", "tensor")
-# user-facing precision name -> compute dtype (fp8 = fp8 weight storage, bf16 compute)
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # embedders, final norm/projection: small, and they set the scale of everything downstream
 DEFAULT_FP8_KEEP = ("x_embedder", "context_embedder", "time_text_embed", "pos_embed", "norm_out", "proj_out")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _fp8_dtypes() -> tuple[torch.dtype, ...]:
-    return tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-
-
-def _require_float8() -> torch.dtype:
-    if not hasattr(torch, "float8_e4m3fn"):
-        raise RuntimeError(
-            f"fp8 weight storage needs torch >= 2.1 (torch.float8_e4m3fn); this is torch {torch.__version__}. "
-            "Upgrade torch, or use bf16 / fp16 weights."
-        )
-    return torch.float8_e4m3fn
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # torch >= 2.1, the floor
 
 
 def fp8_quantize(weight: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +61,7 @@ def fp8_quantize(weight: torch.Tensor, granularity: str = "row") -> tuple[torch.
 
     granularity 'row': one scale per output channel, shape [out, 1]; 'tensor': one scale, shape [].
     """
-    fp8 = _require_float8()
+    fp8 = torch.float8_e4m3fn
     if granularity not in FP8_GRANULARITIES:
         raise ValueError(f"fp8 granularity must be one of {FP8_GRANULARITIES}, got {granularity!r}")
     if weight.dim() != 2:
@@ -116,7 +102,7 @@ class Fp8Linear(nn.Module):
         use_scaled_mm: bool = False,
     ):
         super().__init__()
-        if weight.dtype not in _fp8_dtypes():
+        if weight.dtype not in FP8_DTYPES:
             raise ValueError(f"Fp8Linear needs a float8 weight, got {weight.dtype}")
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
@@ -171,7 +157,7 @@ def quantize_linear_fp8(
     weight = linear.weight
     if compute_dtype is None:
         compute_dtype = weight.dtype if weight.dtype in _HALF else torch.bfloat16
-    if weight.dtype in _fp8_dtypes():
+    if weight.dtype in FP8_DTYPES:
         q, scale = weight.detach(), torch.ones((), dtype=torch.float32, device=weight.device)
     else:
         q, scale = fp8_quantize(weight, granularity)
@@ -221,7 +207,6 @@ def apply_fp8_storage(
     `compute_dtype`, which is also the dtype to run the model in (latents/text embeddings in that dtype).
     Weights that are already fp8 are wrapped with a unit scale (kept modules are upcast instead).
     """
-    _require_float8()
     if granularity not in FP8_GRANULARITIES:
         raise ValueError(f"fp8 granularity must be one of {FP8_GRANULARITIES}, got {granularity!r}")
     if compute_dtype not in (*_HALF, torch.float32):
@@ -241,10 +226,8 @@ def wrap_fp8_checkpoint(model: nn.Module, compute_dtype: torch.dtype = torch.bfl
     (norms, biases, conv, buffers; fp8 or not) is cast to `compute_dtype`. Linears stored in higher precision
     stay as they are (cast to `compute_dtype`).
     """
-    _require_float8()
-    fp8_dtypes = _fp8_dtypes()
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and module.weight.dtype in fp8_dtypes:
+        if isinstance(module, nn.Linear) and module.weight.dtype in FP8_DTYPES:
             _replace(model, name, quantize_linear_fp8(module, compute_dtype=compute_dtype))
     _cast_rest(model, compute_dtype)
     return model
@@ -252,8 +235,7 @@ def wrap_fp8_checkpoint(model: nn.Module, compute_dtype: torch.dtype = torch.bfl
 
 def has_fp8_weights(model: nn.Module) -> bool:
     """Whether any parameter is stored in a float8 dtype."""
-    fp8_dtypes = _fp8_dtypes()
-    return any(p.dtype in fp8_dtypes for p in model.parameters())
+    return any(p.dtype in FP8_DTYPES for p in model.parameters())
 
 
 def set_residual_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -336,18 +318,4 @@ def _recompile_limit_option(limit: int | None) -> dict[str, int]:
 
     dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, limit)
     return {}
-
-
-def load_dit_for_precision(
-    path, variant: str | None = None, *, precision: str = "bf16", fp8_granularity: str = "row",
-):
-    """Load a DiT set up for `precision` (bf16, fp16, fp32, or fp8 = fp8 storage with bf16 compute).
-
-    A thin alias of `pyramid_core.loading.load_components(path, variant, components=("dit",), ...)`, the one
-    loading entry. Returns (LoadedModel, compute dtype).
-    """
-    from .loading import load_components, precision_settings
-
-    compute, fp8 = precision_settings(precision, fp8_granularity)
-    return load_components(path, variant, dtype=compute, fp8=fp8, components=("dit",)).dit, compute
 

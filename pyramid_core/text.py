@@ -6,6 +6,7 @@ concatenated + T5-XXL. Both read the official Hugging Face folder layout (``text
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import transformers
 from packaging.version import Version
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from . import settings
 
 PROMPT_SUFFIX = ", hyper quality, Ultra HD, 8K"
 DEFAULT_NEGATIVE_PROMPT = (
@@ -30,15 +33,6 @@ T5_MAX_LENGTH = 128
 ATTN_IMPLEMENTATION = "eager"
 
 Family = Literal["flux", "mmdit"]
-_FAMILY_ALIASES = {
-    "flux": "flux", "miniflux": "flux", "pyramid_flux": "flux",
-    "mmdit": "mmdit", "sd3": "mmdit", "pyramid_mmdit": "mmdit",
-}
-_DTYPE_NAMES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-}
 
 # subfolder -> (what goes there, transformers class); per family, in the official order
 _CLIP_L = "CLIP-L text model (config.json + model.safetensors)"
@@ -120,19 +114,23 @@ class TextEmbeddings:
 
 
 def normalize_family(family: str) -> Family:
-    """Map ``"flux"``/``"miniflux"``/``"pyramid_flux"`` and ``"mmdit"``/``"sd3"``/``"pyramid_mmdit"`` to a family."""
-    key = str(family).strip().lower()
-    if key not in _FAMILY_ALIASES:
-        raise ValueError(f"unknown model family {family!r}; use 'flux' (pyramid-flow-miniflux) or 'mmdit' (pyramid-flow-sd3)")
-    return _FAMILY_ALIASES[key]  # type: ignore[return-value]
+    """The family key (``"flux"`` | ``"mmdit"``) of any name in `settings.FAMILIES` (``"miniflux"``, ``"sd3"``, ...)."""
+    return settings.family_name(family)  # type: ignore[return-value]
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).lower() in _DTYPE_NAMES:
-        return _DTYPE_NAMES[str(dtype).lower()]
-    raise ValueError(f"unsupported dtype {dtype!r}; use torch.bfloat16 (official), torch.float32 or 'bf16'/'fp32'")
+    """The torch dtype the text encoders run in: a compute dtype (bf16, fp16, fp32) given by name or as a dtype."""
+    try:
+        name: str | None = settings.dtype_name(str(dtype))
+    except ValueError:
+        name = None
+    if name not in settings.COMPUTE_DTYPES:
+        why = ": fp8 weight storage applies to the DiT only" if name and name.startswith("fp8") else ""
+        raise ValueError(
+            f"text encoder dtype must be one of {', '.join(settings.COMPUTE_DTYPES)} (bf16 is the official one), "
+            f"got {dtype!r}{why}"
+        )
+    return getattr(torch, settings.torch_dtype_name(name))
 
 
 def text_encoder_identity(root: str | Path, family: str, dtype: torch.dtype | str = torch.bfloat16) -> str:
@@ -281,9 +279,51 @@ class PyramidTextEncoder(nn.Module):
         out["t5_mask"] = t5.attention_mask
         return out
 
+    def t5_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """T5 tokens of each prompt (end-of-sequence token included), counted before the cut at ``T5_MAX_LENGTH``."""
+        ids = self.t5_tokenizer(
+            _check_prompts(prompts), add_special_tokens=True, padding=False, truncation=False, verbose=False
+        ).input_ids
+        return [len(row) for row in ids]
+
+    def truncation_message(self, prompts: Sequence[str], what: str = "prompt") -> str | None:
+        """What T5 drops of ``prompts`` (``what`` names them: "prompt", "negative prompt"); None when all fit.
+
+        E.g. "prompt is 153 T5 tokens; the last 25 are dropped (T5 reads 128), shorten it to keep them". CLIP's
+        cut at 77 tokens is not reported: the official pipeline relies on T5 for long prompts.
+        """
+        prompts = _check_prompts(prompts)
+        parts = []
+        for i, (prompt, count) in enumerate(zip(prompts, self.t5_token_counts(prompts))):
+            if count <= T5_MAX_LENGTH:
+                continue
+            label = f"{what} {i + 1} of {len(prompts)}" if len(prompts) > 1 else what
+            suffix = "; the quality suffix at its end goes first" if prompt.endswith(PROMPT_SUFFIX) else ""
+            parts.append(
+                f"{label} is {count} T5 tokens; the last {count - T5_MAX_LENGTH} are dropped "
+                f"(T5 reads {T5_MAX_LENGTH}{suffix}), shorten it to keep them"
+            )
+        return ". ".join(parts) or None
+
+    def _warn_truncation(self, batches: Sequence[tuple[Sequence[str], str]]) -> None:
+        """One UserWarning for everything T5 would drop of the (prompts, what) batches, attributed to the caller
+        of the public encode method."""
+        messages = [m for prompts, what in batches if (m := self.truncation_message(prompts, what))]
+        if messages:
+            warnings.warn(". ".join(messages), UserWarning, stacklevel=3)
+
+    def encode(self, prompts: list[str], *, warn_truncation: bool = True) -> TextEmbeddings:
+        """Encode prompts as given (no suffix, no negative) into ``TextEmbeddings`` on the T5 device.
+
+        T5 reads the first ``T5_MAX_LENGTH`` tokens of each prompt (like the official pipeline); a longer prompt
+        gives one UserWarning saying how many tokens are dropped, unless ``warn_truncation`` is False.
+        """
+        if warn_truncation:
+            self._warn_truncation([(prompts, "prompt")])
+        return self._encode(prompts)
+
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> TextEmbeddings:
-        """Encode prompts as given (no suffix, no negative) into ``TextEmbeddings`` on the T5 device."""
+    def _encode(self, prompts: list[str]) -> TextEmbeddings:
         tokens = self.tokenize(prompts)
 
         pooled_parts = []
@@ -312,14 +352,15 @@ class PyramidTextEncoder(nn.Module):
         """Embeddings as the pipeline uses them: ``[negative..., positive...]`` when ``do_cfg`` else positive only.
 
         ``PROMPT_SUFFIX`` is appended to each positive prompt only; a ``None`` negative means ``""``; a single
-        negative string is shared by every positive prompt.
+        negative string is shared by every positive prompt. Prompts longer than T5 reads give one UserWarning.
         """
         positives, negatives = guidance_prompts(prompt, negative_prompt, add_suffix=add_suffix)
-        positive = self.encode(positives)
+        self._warn_truncation([(positives, "prompt"), *([(negatives, "negative prompt")] if do_cfg else [])])
+        positive = self.encode(positives, warn_truncation=False)
         if not do_cfg:
             return positive
         # encoded in separate calls, like the official pipeline (prompt first, then negative)
-        negative = self.encode(negatives)
+        negative = self.encode(negatives, warn_truncation=False)
         return TextEmbeddings.cat([negative, positive])
 
 

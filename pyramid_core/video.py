@@ -1,15 +1,16 @@
 """Video file writers (PyAV): mp4 (H.264), webm (VP9), animated webp and gif.
 
 Frames stream in as chunks, are encoded to a temporary file next to the target and renamed into
-place at the end, so a failed or cancelled write never leaves a partial file and an existing file
-is never overwritten (unless asked).
+place at the end (``outputs.write_atomically``), so a failed or cancelled write never leaves a partial
+file and an existing file is never overwritten (unless asked). Disk-full, permission and encoder
+failures raise :class:`~pyramid_core.outputs.WriteError` naming the path, the reason and the fix.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import secrets
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
@@ -17,16 +18,18 @@ from typing import Callable, Iterable, Iterator, Union
 import numpy as np
 import torch
 
-__all__ = ["VIDEO_FORMATS", "FrameSource", "write_video"]
+from . import settings
+from .outputs import WriteError, check_writable, output_path, write_atomically
+
+__all__ = ["VIDEO_FORMATS", "FrameSource", "WriteError", "check_writable", "write_image", "write_video"]
 
 logger = logging.getLogger(__name__)
 
-VIDEO_FORMATS: tuple[str, ...] = ("mp4", "webm", "webp", "gif")
+VIDEO_FORMATS = settings.VIDEO_FORMATS
 
 FrameArray = Union[np.ndarray, torch.Tensor]
 FrameSource = Union[FrameArray, Iterable[FrameArray]]
 
-_MAX_COUNTER = 99999
 # Encoder used through PyAV for each format; webp/gif fall back to Pillow when it is missing.
 _PYAV_ENCODER = {"mp4": "libx264", "webm": "libvpx-vp9", "webp": "libwebp_anim", "gif": "gif"}
 
@@ -51,7 +54,9 @@ def write_video(
     mp4 needs even sizes (yuv420p), so odd widths/heights are padded by repeating the last column/row.
     An existing file is kept: the name gets a counter, ``clip.mp4`` -> ``clip_00001.mp4``, ``clip_00002.mp4``...
     (``overwrite=True`` replaces it). The folder must exist. ``callback(n)`` runs after each encoded frame;
-    an exception from it (or from ``frames``) cancels the write and leaves no file behind.
+    an exception from it (or from ``frames``) cancels the write and leaves no file behind. OS and encoder
+    failures (disk full, permissions, read-only disk) raise :class:`WriteError`, e.g. ``cannot write /x/out.mp4:
+    no space left on device; free some space or choose another output folder``, with the original as ``__cause__``.
     """
     target, fmt = _resolve_target(path, format)
     rate = _frame_rate(fps)
@@ -65,8 +70,7 @@ def write_video(
         raise ValueError("no frames to write: the frame source is empty") from None
     stream = _chain(first, stream)
 
-    tmp = _reserve_temp(target)
-    try:
+    def encode(tmp: Path) -> None:
         if _pyav_can_write(fmt):
             _write_pyav(stream, tmp, fmt, rate, int(quality), first.shape, callback)
         elif fmt in ("webp", "gif"):
@@ -78,10 +82,37 @@ def write_video(
                 f"this PyAV build has no {_PYAV_ENCODER[fmt]} encoder for {fmt}; install the PyPI wheel "
                 f"(pip install --force-reinstall av) or write webp/gif instead"
             )
-        return _publish(tmp, target, overwrite)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    return write_atomically(target, encode, overwrite=overwrite, what="video")
+
+
+def write_image(image: FrameArray, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write one RGB image as PNG to ``path`` and return the path actually written.
+
+    ``image``: uint8 ``[H,W,3]`` (numpy or torch; ``[1,H,W,3]`` and float in [0, 1] are accepted too).
+    A name without a suffix gets ``.png``. Written like :func:`write_video`: through a temporary file, an existing
+    file is kept (``still.png`` -> ``still_00001.png``; ``overwrite=True`` replaces it), the folder must exist,
+    and OS failures raise :class:`WriteError`.
+    """
+    target = output_path(path, example="image.png")
+    suffix = target.suffix.lower()
+    if suffix != ".png":
+        if suffix:
+            raise ValueError(f"write_image writes PNG; name the file {target.stem + '.png'!r} instead of {target.name!r}")
+        target = target.with_name(f"{target.name}.png")
+    pixels = _to_uint8(image)
+    if len(pixels) != 1:
+        raise ValueError(f"write_image takes one image [H,W,3], got {len(pixels)} frames; use write_video for several")
+    frame = pixels[0]
+    if frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise ValueError(f"the image must be at least 1x1 pixels, got {frame.shape[1]}x{frame.shape[0]}")
+
+    def encode(tmp: Path) -> None:
+        from PIL import Image
+
+        Image.fromarray(frame).save(tmp, format="PNG")
+
+    return write_atomically(target, encode, overwrite=overwrite, what="image")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,9 +120,7 @@ def write_video(
 
 
 def _resolve_target(path: str | os.PathLike, format: str | None) -> tuple[Path, str]:
-    target = Path(path).expanduser()
-    if target.name == "" or target.is_dir():
-        raise ValueError(f"{str(path)!r} is a folder; pass a file name such as {str(Path(path) / 'video.mp4')!r}")
+    target = output_path(path, example="video.mp4")  # a file name in an existing, usable folder
     suffix = target.suffix.lower().lstrip(".")
     if format is None:
         if suffix not in VIDEO_FORMATS:
@@ -107,10 +136,7 @@ def _resolve_target(path: str | os.PathLike, format: str | None) -> tuple[Path, 
             raise ValueError(f"file name {target.name!r} contradicts format={format!r}; make them agree")
         if suffix != fmt:
             target = target.with_name(f"{target.name}.{fmt}")
-    folder = target.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {folder} (create it first or choose an existing folder)")
-    return target.resolve(), fmt
+    return target, fmt
 
 
 def _frame_rate(fps: float) -> Fraction:
@@ -231,8 +257,11 @@ def _write_pyav(
                 callback(written)
         for packet in stream.encode(None):
             container.mux(packet)
-    finally:
-        container.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep the first error (or the interrupt), not a follow-up one
+            container.close()
+        raise
+    container.close()  # writes the trailer: a full disk can show up here
 
 
 def _frame_converter(fmt: str, stream, quality: int) -> Callable[[np.ndarray], object]:
@@ -305,49 +334,3 @@ def _write_pillow(
     duration = round(1000 / float(rate))
     options = {"quality": quality} if fmt == "webp" else {}
     images[0].save(path, format=fmt.upper(), save_all=True, append_images=images[1:], duration=duration, loop=0, **options)
-
-
-# ---------------------------------------------------------------------------------------------
-# Publishing
-
-
-def _reserve_temp(target: Path) -> Path:
-    """Create an empty hidden ``.name.<random>.partial`` file next to ``target`` (normal umask permissions)."""
-    for _ in range(100):
-        tmp = target.with_name(f".{target.stem}.{secrets.token_hex(4)}.partial")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"could not create a temporary file in {target.parent}")
-
-
-def _candidates(target: Path) -> Iterator[Path]:
-    yield target
-    for i in range(1, _MAX_COUNTER + 1):
-        yield target.with_name(f"{target.stem}_{i:05d}{target.suffix}")
-
-
-def _publish(tmp: Path, target: Path, overwrite: bool) -> Path:
-    """Move the finished temporary file into place without ever replacing an existing file."""
-    if overwrite:
-        os.replace(tmp, target)
-        return target
-    for candidate in _candidates(target):
-        try:
-            os.link(tmp, candidate)  # atomic "create if absent"
-        except FileExistsError:
-            continue
-        except OSError:  # no hard links on this filesystem: check, then rename (Windows rename refuses to replace)
-            if candidate.exists():
-                continue
-            try:
-                os.rename(tmp, candidate)
-            except FileExistsError:
-                continue
-            return candidate
-        tmp.unlink()
-        return candidate
-    raise FileExistsError(f"{target.name} and its {_MAX_COUNTER} numbered variants all exist; choose another name")

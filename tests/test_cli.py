@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pyramid_core import cli
+from pyramid_core import cli, settings
 from pyramid_core.demo import build_tiny_model
 from pyramid_core.pipeline import RandomStreams
 from pyramid_core.validation import frames_for_temp, temp_for_duration
@@ -176,7 +176,8 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys, argv, message):
 def test_cpu_runs_default_to_fp32_and_an_explicit_dtype_wins():
     cpu = resolve(["--model", MODEL, "--device", "cpu", "--out", "x.mp4"])
     assert cpu.dtype == torch.float32 and "CPU default" in cpu.dtype_note and "--dtype bf16" in cpu.dtype_note
-    for name, dtype in cli.DTYPES.items():
+    for name in settings.COMPUTE_DTYPES:
+        dtype = getattr(torch, settings.torch_dtype_name(name))
         explicit = resolve(["--model", MODEL, "--device", "cpu", "--dtype", name, "--out", "x.mp4"])
         assert (explicit.dtype, explicit.dtype_note) == (dtype, "")
     assert cli.compute_dtype_for(torch.device("cuda")) == (torch.bfloat16, "")  # as trained

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,68 @@ def test_bin_is_loaded_with_weights_only_and_mmap(tmp_path, monkeypatch):
     with L.open_checkpoint(legacy) as reader:
         assert torch.equal(reader.get_tensor("quant_conv.conv.weight"), weights["quant_conv.conv.weight"])
     assert [c["weights_only"] for c in calls] == [True, True] and calls[0]["mmap"] is True
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_bin_is_read_without_torch_warnings(tmp_path, zipfile, protocol):
+    weights = {"proj.weight": torch.arange(12.0).reshape(3, 4), "proj.steps": torch.tensor([1, 2, 3])}
+    path = tmp_path / "weights.bin"
+    # torch's weights-only unpickler warns "Detected pickle protocol 3 in the checkpoint" (several times for a
+    # legacy file) when it reads protocol 3; the reader keeps that to itself
+    torch.save(weights, path, pickle_protocol=protocol, _use_new_zipfile_serialization=zipfile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with L.open_checkpoint(path) as reader:
+            assert reader.keys() == ["proj.weight", "proj.steps"]
+            assert torch.equal(reader.get_tensor("proj.weight"), weights["proj.weight"])
+            assert torch.equal(reader.get_tensor("proj.steps"), weights["proj.steps"])
+            assert reader.dtype("proj.steps") == torch.int64
+    assert [str(w.message) for w in caught] == []
+
+
+def test_only_torch_load_noise_is_hidden(tmp_path, monkeypatch):
+    path = tmp_path / "weights.bin"
+    torch.save({"w": torch.ones(2)}, path)
+    real_load = torch.load
+
+    def noisy_load(*args, **kwargs):  # what older or newer torch versions print around a weights-only load
+        warnings.warn("Detected pickle protocol 4 in the checkpoint, which was not the default", UserWarning)
+        warnings.warn("TypedStorage is deprecated. It will be removed in the future", UserWarning)
+        warnings.warn("You are using `torch.load` with `weights_only=False` (the current default value)", FutureWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", noisy_load)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with L.open_checkpoint(path) as reader:
+            assert torch.equal(reader.get_tensor("w"), torch.ones(2))
+    assert [(w.category, str(w.message)) for w in caught] == [(UserWarning, "an unrelated warning")]
+    with warnings.catch_warnings(record=True) as caught:  # the filters end with the load
+        warnings.simplefilter("always")
+        warnings.warn("TypedStorage is deprecated. It will be removed in the future", UserWarning)
+    assert len(caught) == 1
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_bin_in_an_unreadable_pickle_protocol_is_explained(tmp_path, protocol):
+    path = tmp_path / "new_protocol.bin"
+    torch.save({"w": torch.ones(2)}, path, pickle_protocol=protocol)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            reader = L.open_checkpoint(path)
+        except CheckpointError as exc:  # torch 2.13's weights-only unpickler has no FRAME opcode (protocol 4+)
+            assert str(exc) == (
+                f"{path} was written with a pickle protocol that torch's safe (weights-only) loader cannot read; "
+                "re-save its state dict with torch.save's default protocol, or convert it to .safetensors with a "
+                "tool you trust"
+            )
+        else:  # a torch that learnt these protocols reads the file
+            with reader:
+                assert torch.equal(reader.get_tensor("w"), torch.ones(2))
+    assert caught == []
 
 
 def _mark_executed(tag: str) -> str:

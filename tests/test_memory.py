@@ -10,7 +10,6 @@ modules' weights; the plan chooser on real-size shapes; OOM recovery; bad input.
 and pinned memory only run in bench/gpu_check.py.
 """
 import re
-import warnings
 
 import pytest
 import torch

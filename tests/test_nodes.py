@@ -283,6 +283,23 @@ def test_vae_encode_and_start_latent_image_to_video(comfy):
     assert out.shape == (1, 16, 3, 8, 8) and torch.equal(out[:, :, :1], latent["samples"].to(out.dtype))
 
 
+def test_vae_decode_reports_progress_and_follows_the_latent_family(comfy):
+    import comfy.utils as utils
+    from nodes.managed import FAMILY_KEY
+    from pyramid_core.latent_format import denormalize_latents, frames_to_float
+
+    _, vae, _ = load()
+    latents = 2 * torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    utils.UPDATES.clear()
+    (frames,) = M["PyramidFlowCoreVAEDecode"]().decode(vae, {"samples": latents}, "auto", "auto")
+    # decode steps (one 64x64 tile x chunks of 2 latent frames and none after), total known up front
+    assert utils.UPDATES == [(0, 1, False), (1, 1, False)]
+    expected = vae.vae.module.decode(denormalize_latents(latents, "flux"), window_size=1, tile_sample_min_size=256)
+    assert frames.shape == (9, 64, 64, 3) and torch.equal(frames, frames_to_float(expected))
+    (as_sd3,) = M["PyramidFlowCoreVAEDecode"]().decode(vae, {"samples": latents, FAMILY_KEY: "mmdit"}, "auto", "auto")
+    assert not torch.equal(as_sd3[0], frames[0]), "the LATENT's family picks the first-frame factors"
+
+
 def test_single_files_are_listed_and_loaded(comfy, base, tmp_path):
     import folder_paths
 
@@ -306,8 +323,13 @@ def test_bad_input_gets_errors_that_name_the_fix(comfy, base, tmp_path):
     model, vae, text_encoder = load()
     cond = encode(text_encoder)
     sampler = M["PyramidFlowCoreSampler"]()
-    with pytest.raises(ValueError, match=r"temp 1\.\.16 \(121 frames, 5\.0 s"):
-        sampler.sample(model, cond, 64, 64, 20, 0.0, "1", "1", 7.0, 5.0, 0)
+    from nodes.sampler import pick_temp
+
+    # one rule everywhere: past the trained length runs, with a warning (as the command line and pipeline do)
+    with pytest.warns(UserWarning, match=r"beyond what diffusion_transformer_384p was trained for \(temp <= 16"):
+        assert pick_temp(model.variant, 20, 0.0) == 20
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        sampler.sample(model, cond, 64, 64, 2, 0.0, "1", "1", float("nan"), 5.0, 0)
     with pytest.raises(ValueError, match="multiple of 64"):
         sampler.sample(model, cond, 100, 64, 2, 0.0, "1", "1", 7.0, 5.0, 0)
     with pytest.raises(ValueError, match="needs the vae"):

@@ -37,10 +37,13 @@ def official_i2v(pipe, image, output_type, **extra):
 @pytest.mark.parametrize("model", MODELS)
 def test_t2v_matches_official_latents_and_frames(pipelines, model):
     entry, expected = case(f"{model}/e2e/t2v"), tensors(f"{model}/e2e/t2v")
-    latents = official_t2v(pipelines[model], "latent")
+    decoded: list[tuple[int, int]] = []
+    latents = official_t2v(pipelines[model], "latent", decode_callback=lambda *a: decoded.append(a))
     assert_matches(latents, expected["latents"], entry["tolerance"]["latents"], "latents")
-    frames = official_t2v(pipelines[model], "pt")
+    assert decoded == [], "nothing is decoded for output_type='latent'"
+    frames = official_t2v(pipelines[model], "pt", decode_callback=lambda *a: decoded.append(a))
     assert_frames_match(frames, expected["frames"], "frames")
+    assert decoded == [(0, 2), (1, 2), (2, 2)]  # decode steps: one 64x64 tile x chunks of 2 + 1 latent frames
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -49,8 +52,10 @@ def test_i2v_matches_official_latents_and_frames(pipelines, model):
     image = expected["input_image"].numpy()
     latents = official_i2v(pipelines[model], image, "latent")
     assert_matches(latents, expected["latents"], entry["tolerance"]["latents"], "latents")
-    frames = official_i2v(pipelines[model], image, "pt")
+    decoded: list[tuple[int, int]] = []
+    frames = official_i2v(pipelines[model], image, "pt", decode_callback=lambda *a: decoded.append(a))
     assert_frames_match(frames, expected["frames"], "frames")
+    assert decoded == [(0, 2), (1, 2), (2, 2)]
 
 
 class DitRecorder:
@@ -209,6 +214,23 @@ def test_components_can_be_left_out():
         pipe.generate(PROMPT, height=64, width=64)
     with pytest.raises(ValueError, match="no VAE"):
         pipe.decode(torch.zeros(1, 16, 1, 8, 8))
+    with pytest.raises(ValueError, match="no VAE"):
+        pipe.encode_image(torch.zeros(1, 3, 1, 64, 64))
+    assert not pipe.codec.has_vae
+
+
+def test_decode_delegates_to_the_codec_and_progress_changes_nothing(pipelines):
+    pipe = pipelines["sd3_tiny"]
+    assert pipe.codec.family == "mmdit" and pipe.codec.memory is pipe.memory and pipe.codec.has_vae
+    latents = tensors("sd3_tiny/e2e/t2v")["latents"]
+    seen: list[tuple[int, int]] = []
+    floats = pipe.decode(latents, "float", progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 2), (1, 2), (2, 2)]
+    assert torch.equal(floats, pipe.codec.decode(latents, "float"))
+    assert floats.shape == (17, 64, 64, 3) and floats.dtype == torch.float32
+    assert pipe.decode(latents, "latent", progress=lambda *a: seen.append(a)) is latents and len(seen) == 3
+    with pytest.raises(ValueError, match="output_type must be one of latent, pt, np, pil, float"):
+        pipe.decode(latents, "mp4")
 
 
 def test_encode_video_needs_8k_plus_1_frames(pipelines):

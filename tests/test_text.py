@@ -1,6 +1,8 @@
 """Text encoders vs the official `text_encoding` fixtures (tokens, embeddings, mask, pooled), CFG batch, cache."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -124,7 +126,9 @@ def test_cache_reuses_embeddings_without_encoder(monkeypatch):
     enc = encoder_for(case_id)
     calls = []
     real_encode = enc.encode
-    monkeypatch.setattr(enc, "encode", lambda prompts: calls.append(list(prompts)) or real_encode(prompts))
+    monkeypatch.setattr(
+        enc, "encode", lambda prompts, **kwargs: calls.append(list(prompts)) or real_encode(prompts, **kwargs)
+    )
     prompt = case(case_id)["inputs"]["prompt_given_to_generate"]
 
     cache = TextEmbeddingCache(max_entries=2)
@@ -190,12 +194,98 @@ def test_missing_subfolder_is_named(tmp_path, model, missing, what):
 
 
 def test_bad_arguments_are_explained(tmp_path):
-    with pytest.raises(ValueError, match="'flux'.*'mmdit'"):
+    with pytest.raises(ValueError, match=r"unknown model family 'sdxl'; use one of flux, .*mmdit, sd3"):
         PyramidTextEncoder.from_folder(model_dir("miniflux_tiny"), "sdxl")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         PyramidTextEncoder.from_folder(tmp_path / "nope", "flux")
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match=r"dtype must be one of bf16, fp16, fp32 .*got 'int8'$"):
         PyramidTextEncoder.from_folder(model_dir("miniflux_tiny"), "flux", dtype="int8")
+    for fp8 in ("fp8", "fp8_e5m2", torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match=r"must be one of bf16, fp16, fp32.*fp8 weight storage applies to the DiT only"):
+            PyramidTextEncoder.from_folder(model_dir("miniflux_tiny"), "flux", dtype=fp8)
+
+
+@pytest.mark.parametrize(
+    "family, dtype, want",
+    [("sd3", "torch.float16", "mmdit|{root}|torch.float16"), ("miniflux", "BFloat16", "flux|{root}|torch.bfloat16"),
+     ("pyramid_flux", torch.float32, "flux|{root}|torch.float32"), ("SD3", "half", "mmdit|{root}|torch.float16")],
+)
+def test_family_and_dtype_spellings_come_from_settings(tmp_path, family, dtype, want):
+    assert text_encoder_identity(tmp_path, family, dtype) == want.format(root=tmp_path.resolve())
+
+
+# ------------------------------------------------------------------------------------- prompt truncation
+
+
+def _words(count: int) -> str:
+    """A prompt of `count` T5 tokens plus the end-of-sequence token ("a" is one token in the fixture tokenizer)."""
+    return " ".join(["a"] * count)
+
+
+def _recorded(action) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return caught
+
+
+def test_long_prompt_warns_once_with_the_dropped_count():
+    enc = encoder_for(CASES[0])
+    phrase = "a cat walking on the beach at sunset"
+    prompt = " ".join([phrase] * 20)
+    full_ids = enc.t5_tokenizer(prompt, truncation=False, verbose=False).input_ids
+    assert len(full_ids) == 20 * len(enc.t5_tokenizer.tokenize(phrase)) + 1 == 401  # 20 tokens per phrase + EOS
+    assert enc.t5_token_counts([prompt, "a cat"]) == [401, 5]
+
+    caught = _recorded(lambda: enc.encode([prompt]))
+    assert len(caught) == 1 and caught[0].category is UserWarning
+    assert str(caught[0].message) == (
+        "prompt is 401 T5 tokens; the last 273 are dropped (T5 reads 128), shorten it to keep them"
+    )
+    assert caught[0].filename == __file__  # attributed to the caller, not to text.py or torch
+    # the warning tells the truth: T5 sees the first 127 tokens and its end-of-sequence token
+    ids = enc.tokenize([prompt])
+    assert ids["t5"][0].tolist() == full_ids[:127] + [full_ids[-1]] and int(ids["t5_mask"].sum()) == 128
+
+
+def test_t5_cut_is_reported_at_the_exact_boundary():
+    enc = encoder_for(CASES[0])
+    assert enc.t5_token_counts([_words(127), _words(128)]) == [128, 129]
+    assert enc.truncation_message([_words(127)]) is None
+    assert _recorded(lambda: enc.encode([_words(127)])) == []
+    caught = _recorded(lambda: enc.encode([_words(127), _words(128)]))
+    assert [str(w.message) for w in caught] == [
+        "prompt 2 of 2 is 129 T5 tokens; the last 1 are dropped (T5 reads 128), shorten it to keep them"
+    ]
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_short_prompts_do_not_warn(case_id):
+    enc = encoder_for(case_id)
+    prompt = case(case_id)["inputs"]["prompt_given_to_generate"]
+    caught = _recorded(lambda: (enc.encode_for_guidance(prompt), enc.encode_for_guidance("a cat", None), enc.encode([""])))
+    assert caught == []
+    # a CLIP-only cut (over 77 CLIP tokens, within T5's 128) is the official behaviour: no warning
+    long_for_clip = _words(100)
+    assert len(enc.clip_tokenizers[0](long_for_clip, truncation=False, verbose=False).input_ids) == 102
+    assert _recorded(lambda: enc.encode([long_for_clip])) == []
+
+
+def test_guidance_batch_reports_prompt_and_negative_in_one_warning():
+    enc = encoder_for(CASES[0])
+    # 120 words + the suffix's 18 tokens + EOS = 139: the words alone fit, so the quality suffix is what gets cut
+    assert enc.t5_token_counts([_words(120) + PROMPT_SUFFIX, _words(120)]) == [139, 121]
+    caught = _recorded(lambda: enc.encode_for_guidance(_words(120), _words(130)))
+    assert [str(w.message) for w in caught] == [
+        "prompt is 139 T5 tokens; the last 11 are dropped (T5 reads 128; the quality suffix at its end goes first), "
+        "shorten it to keep them. "
+        "negative prompt is 131 T5 tokens; the last 3 are dropped (T5 reads 128), shorten it to keep them"
+    ]
+    assert caught[0].filename == __file__
+    # without CFG the negative is not encoded, so it is not reported; without the suffix the prompt fits
+    assert _recorded(lambda: enc.encode_for_guidance(_words(120), _words(130), add_suffix=False, do_cfg=False)) == []
+    caught = _recorded(lambda: enc.encode_for_guidance(_words(120), _words(130), do_cfg=False))
+    assert [str(w.message).split(";")[0] for w in caught] == ["prompt is 139 T5 tokens"]
 
 
 def test_text_embeddings_batch_helpers():

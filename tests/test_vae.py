@@ -16,7 +16,7 @@ from pyramid_core.latent_format import (
     latent_factors,
     normalize_latents,
 )
-from pyramid_core.models import vae as vae_module
+from pyramid_core.models import vae_blocks as vae_module  # owns NORM_SLICE_ELEMENTS (monkeypatched below)
 from pyramid_core.models.vae import CausalVideoVAE
 from tests.reference import FIXTURES, assert_frames_match, assert_matches, case, case_ids, model_dir, tensors
 

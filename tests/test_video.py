@@ -1,7 +1,10 @@
 """Video writers: round trips through a decoder, naming, atomicity and input conversion."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import pickle
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+import pyramid_core.outputs as outputs
 import pyramid_core.video as video
-from pyramid_core.video import write_video
+from pyramid_core.video import WriteError, check_writable, write_image, write_video
 
 FPS = 24
 
@@ -267,3 +271,290 @@ def test_pillow_fallback_without_pyav_encoder(tmp_path, monkeypatch, caplog, fmt
     with pytest.raises(RuntimeError, match="pip install"):
         write_video(frames, tmp_path / "clip.mp4")
     assert leftovers(tmp_path) == [f"clip.{fmt}"]
+
+
+# ------------------------------------------------------------------------------ still images
+
+
+def test_write_image_round_trip_and_naming(tmp_path):
+    image = gradient_frames(n=1, height=33, width=47)[0]
+    out = write_image(image, tmp_path / "still.png")
+    assert out == (tmp_path / "still.png").resolve()
+    with Image.open(out) as im:
+        assert im.format == "PNG" and np.array_equal(np.asarray(im.convert("RGB")), image)  # lossless
+    again = write_image(torch.from_numpy(image).float() / 255, tmp_path / "still.png")  # float [0,1] torch too
+    assert again.name == "still_00001.png"
+    with Image.open(again) as im:
+        assert np.array_equal(np.asarray(im), image)
+    assert write_image(image[None], tmp_path / "noext").name == "noext.png"  # [1,H,W,3] and a missing suffix
+    before = out.stat().st_mtime_ns
+    assert write_image(np.zeros_like(image), out, overwrite=True) == out and out.stat().st_mtime_ns >= before
+    with Image.open(out) as im:
+        assert not np.asarray(im).any()
+    assert leftovers(tmp_path) == ["noext.png", "still.png", "still_00001.png"]
+
+
+def test_write_image_bad_inputs_name_the_fix(tmp_path):
+    image = gradient_frames(n=2)
+    with pytest.raises(ValueError, match="still.png"):
+        write_image(image[0], tmp_path / "still.jpg")
+    with pytest.raises(ValueError, match="write_video"):
+        write_image(image, tmp_path / "still.png")
+    with pytest.raises(ValueError, match="is a folder"):
+        write_image(image[0], tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_image(image[0], tmp_path / "missing" / "still.png")
+    assert leftovers(tmp_path) == []
+
+
+def test_all_numbered_names_taken_is_file_exists_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "_MAX_COUNTER", 2)
+    for name in ("still.png", "still_00001.png", "still_00002.png"):
+        (tmp_path / name).write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="choose another name"):
+        write_image(gradient_frames(n=1)[0], tmp_path / "still.png")
+    assert leftovers(tmp_path) == ["still.png", "still_00001.png", "still_00002.png"]
+    assert all((tmp_path / n).read_bytes() == b"mine" for n in leftovers(tmp_path))
+
+
+# ------------------------------------------------------------------------------ OS errors: disk full, permissions
+
+
+def enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def assert_write_error(info: pytest.ExceptionInfo, target: Path, *phrases: str, code: int | None = None) -> None:
+    """One WriteError naming the target, the reason and the fix, with the original error kept as the cause."""
+    err = info.value
+    assert type(err) is WriteError and isinstance(err, OSError)
+    message = str(err)
+    assert message.startswith(f"cannot write {target.resolve()}: "), message
+    assert "; " in message and "Errno" not in message, message
+    for phrase in phrases:
+        assert phrase in message, message
+    assert err.__cause__ is not None
+    if code is not None:
+        assert err.errno == code and err.__cause__.errno == code
+
+
+def partial_then(exc: BaseException):
+    """A stand-in encoder that writes some bytes to its (temporary) output, then fails with ``exc``."""
+
+    def encoder(*args, **kwargs):
+        target = next(a for a in args if isinstance(a, (str, Path)))
+        with open(target, "ab") as handle:
+            handle.write(b"\0" * 1000)
+        raise exc
+
+    return encoder
+
+
+@pytest.mark.parametrize("fmt", video.VIDEO_FORMATS)
+def test_disk_full_in_pyav_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch, fmt):
+    monkeypatch.setattr(video, "_write_pyav", partial_then(enospc()))
+    target = tmp_path / f"clip.{fmt}"
+    with pytest.raises(WriteError) as info:
+        write_video(gradient_frames(n=3), target)
+    assert_write_error(info, target, "no space left on device", "free some space", code=errno.ENOSPC)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("fmt", video.VIDEO_FORMATS)
+def test_real_ffmpeg_disk_full_error_is_mapped(tmp_path, monkeypatch, fmt):
+    # FFmpeg itself writes to /dev/full (every write fails with ENOSPC), as on a full disk.
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda file, *a, **k: real_open("/dev/full", *a, **k))
+    target = tmp_path / f"clip.{fmt}"
+    with pytest.raises(WriteError) as info:
+        write_video(gradient_frames(n=4), target)
+    assert_write_error(info, target, "no space left on device", code=errno.ENOSPC)
+    assert isinstance(info.value.__cause__, av.error.FFmpegError)
+    assert leftovers(tmp_path) == []
+
+
+def test_disk_full_in_pillow_writers(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **k: partial_then(enospc())(fp))
+    with pytest.raises(WriteError) as info:
+        write_image(gradient_frames(n=1)[0], tmp_path / "still.png")
+    assert_write_error(info, tmp_path / "still.png", "no space left on device", code=errno.ENOSPC)
+    monkeypatch.setattr(video, "_pyav_can_write", lambda f: False)  # the Pillow fallback for animations
+    with pytest.raises(WriteError) as info:
+        write_video(gradient_frames(n=3), tmp_path / "clip.gif")
+    assert_write_error(info, tmp_path / "clip.gif", "no space left on device", code=errno.ENOSPC)
+    assert leftovers(tmp_path) == []
+
+
+def test_late_disk_full_at_flush_publishes_nothing(tmp_path, monkeypatch):
+    # Network drives and quotas may report a full disk only when the data is flushed.
+    def fsync(fd):
+        raise OSError(errno.EDQUOT if hasattr(errno, "EDQUOT") else errno.ENOSPC, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(WriteError, match="free some space"):
+        write_video(gradient_frames(n=3), tmp_path / "clip.mp4")
+    with pytest.raises(WriteError, match="free some space"):
+        write_image(gradient_frames(n=1)[0], tmp_path / "still.png")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "code, phrases",
+    [
+        (errno.ENOSPC, ("no space left on device", "free some space or choose another output folder")),
+        (errno.EACCES, ("permission denied", "choose a folder you can write to")),
+        (errno.EPERM, ("operation not permitted", "choose a folder you can write to")),
+        (errno.EROFS, ("read-only", "writable disk")),
+        (errno.ENOENT, ("folder does not exist", "create the folder")),
+        (errno.EIO, ("input/output error", "check the disk")),
+        (errno.EXDEV, ("cross-device", "choose another")),  # an unlisted errno: the OS's words, lower-cased
+    ],
+)
+def test_os_reasons_in_plain_words(tmp_path, monkeypatch, code, phrases):
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **k: partial_then(OSError(code, os.strerror(code)))(fp))
+    with pytest.raises(WriteError) as info:
+        write_image(gradient_frames(n=1)[0], tmp_path / "still.png")
+    assert_write_error(info, tmp_path / "still.png", *phrases, code=code)
+    assert leftovers(tmp_path) == []
+
+
+def test_encoder_errors_without_errno_are_write_errors_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "_write_pyav", partial_then(av.error.FFmpegError(-22, "Invalid argument")))
+    with pytest.raises(WriteError) as info:
+        write_video(gradient_frames(n=3), tmp_path / "clip.webm")
+    assert_write_error(info, tmp_path / "clip.webm", "video encoder failed", "Invalid argument", "another format")
+    assert info.value.errno is None
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **k: partial_then(OSError("encoder error -2"))(fp))
+    with pytest.raises(WriteError, match="image encoder failed"):
+        write_image(gradient_frames(n=1)[0], tmp_path / "still.png")
+    assert leftovers(tmp_path) == []
+
+
+def test_unwritable_folder_fails_with_the_fix(unwritable_folder):
+    frames = gradient_frames(n=2)
+    for write, name in ((lambda p: write_video(frames, p), "clip.mp4"), (lambda p: write_image(frames[0], p), "a.png")):
+        with pytest.raises(WriteError) as info:
+            write(unwritable_folder / name)
+        assert_write_error(info, unwritable_folder / name, "permission denied", "choose a folder you can write to",
+                           code=errno.EACCES)
+    with pytest.raises(WriteError, match="permission denied"):
+        check_writable(unwritable_folder / "clip.mp4")
+    assert leftovers(unwritable_folder) == []
+
+
+def test_read_only_file_system(tmp_path, monkeypatch):
+    def read_only(path, flags, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(WriteError) as info:
+        write_video(gradient_frames(n=2), tmp_path / "clip.mp4")
+    assert_write_error(info, tmp_path / "clip.mp4", "the file system is read-only", "writable disk", code=errno.EROFS)
+    with pytest.raises(WriteError, match="read-only"):
+        check_writable(tmp_path / "clip.mp4")
+    monkeypatch.undo()
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ interrupts
+
+
+@pytest.mark.parametrize("fmt", video.VIDEO_FORMATS)
+def test_keyboard_interrupt_mid_write_leaves_nothing(tmp_path, fmt):
+    frames = gradient_frames(n=6)
+
+    def chunks():
+        yield frames[:3]
+        raise KeyboardInterrupt  # Ctrl+C while frames are still being decoded
+
+    with pytest.raises(KeyboardInterrupt):  # passed on as it is, never wrapped
+        write_video(chunks(), tmp_path / f"clip.{fmt}")
+    assert leftovers(tmp_path) == []
+
+
+def test_keyboard_interrupt_in_pillow_or_at_flush_leaves_nothing(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", lambda self, fp, *a, **k: partial_then(KeyboardInterrupt())(fp))
+        with pytest.raises(KeyboardInterrupt):
+            write_image(gradient_frames(n=1)[0], tmp_path / "still.png")
+
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        write_video(gradient_frames(n=3), tmp_path / "clip.webm")
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupt_is_not_replaced_by_a_close_error(tmp_path, monkeypatch):
+    # Ctrl+C during encoding, then closing the half-written container fails too: the interrupt must win.
+    real_open = av.open
+
+    class FailingClose:
+        def __init__(self, container):
+            self._container = container
+
+        def __getattr__(self, name):
+            return getattr(self._container, name)
+
+        def close(self):
+            self._container.close()
+            raise enospc()
+
+    monkeypatch.setattr(av, "open", lambda *a, **k: FailingClose(real_open(*a, **k)))
+
+    def stop(n: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_video(gradient_frames(n=3), tmp_path / "clip.mp4", callback=stop)
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ check_writable
+
+
+def test_check_writable(tmp_path):
+    check_writable(tmp_path / "clip.mp4")  # fine, and leaves nothing behind
+    (tmp_path / "clip.mp4").write_bytes(b"existing")
+    check_writable(tmp_path / "clip.mp4")  # an existing file is fine too: the writer picks a numbered name
+    assert leftovers(tmp_path) == ["clip.mp4"] and (tmp_path / "clip.mp4").read_bytes() == b"existing"
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing'}.*create it"):
+        check_writable(tmp_path / "missing" / "clip.mp4")
+    with pytest.raises(WriteError, match="not a folder"):
+        check_writable(tmp_path / "clip.mp4" / "inner.mp4")
+    with pytest.raises(ValueError, match="is a folder"):
+        check_writable(tmp_path)
+    assert leftovers(tmp_path) == ["clip.mp4"]
+
+
+def test_check_writable_catches_a_full_disk(tmp_path, monkeypatch):
+    class FullFile:
+        def __init__(self, path, mode):
+            self._handle = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+        def write(self, data):
+            raise enospc()
+
+    monkeypatch.setattr(outputs, "open", FullFile, raising=False)
+    with pytest.raises(WriteError) as info:
+        check_writable(tmp_path / "clip.mp4")
+    assert_write_error(info, tmp_path / "clip.mp4", "no space left on device", code=errno.ENOSPC)
+    assert leftovers(tmp_path) == []
+
+
+def test_write_error_pickles_and_reads_well():
+    err = WriteError("/x/out.mp4", "no space left on device", "free some space or choose another output folder",
+                     errno.ENOSPC)
+    assert str(err) == "cannot write /x/out.mp4: no space left on device; free some space or choose another output folder"
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is WriteError and str(copy) == str(err) and copy.errno == errno.ENOSPC
+    assert copy.filename == "/x/out.mp4" and copy.path == Path("/x/out.mp4")

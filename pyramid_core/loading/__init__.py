@@ -33,7 +33,7 @@ from .configs import (
     loader_extras,
     official_config,
 )
-from .dit_vae import load_dit, load_vae
+from .dit_vae import dit_config, load_dit, load_vae
 from .folders import (
     DEFAULT_VARIANT,
     DIT_VARIANTS,
@@ -66,6 +66,7 @@ __all__ = [
     "VAEConfig",
     "component_dtypes",
     "derive_config",
+    "dit_config",
     "detect_family",
     "fill_meta_model",
     "load_components",

@@ -13,18 +13,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..settings import torch_dtype_name
 from .checkpoint import CheckpointError, CheckpointReader
 from .configs import family_spec
 
 __all__ = ["LoadedModel", "as_dtype", "build_and_fill", "fill_meta_model", "model_class", "save_single_file"]
-
-_DTYPE_ALIASES = {
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-    "fp32": "float32", "float32": "float32", "float": "float32",
-    "fp8": "float8_e4m3fn", "fp8_e4m3fn": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn",
-    "fp8_e5m2": "float8_e5m2", "float8_e5m2": "float8_e5m2",
-}
 
 # Deprecated diffusers attention names that older VAE checkpoints may use (FACTS 1.5).
 _VAE_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -35,10 +28,10 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from a dtype or a name (`"bf16"`, `"float16"`, `"fp8"`, ...); None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    name = _DTYPE_ALIASES.get(str(dtype).lower().removeprefix("torch."))
-    if name is None:
-        raise CheckpointError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {sorted(_DTYPE_ALIASES)}")
-    return getattr(torch, name)
+    try:
+        return getattr(torch, torch_dtype_name(str(dtype)))
+    except ValueError as exc:
+        raise CheckpointError(f"{exc} (or a torch.dtype)") from None
 
 
 def model_class(family: str) -> type[nn.Module]:

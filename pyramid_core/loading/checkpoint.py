@@ -8,12 +8,14 @@ gives each tensor's byte range) instead of through `safe_open`, which hands out 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
 import struct
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
@@ -171,6 +173,26 @@ def _from_little_endian(flat: torch.Tensor) -> None:
     raw.copy_(raw.flip(1))
 
 
+# Warnings torch may print while loading a plain state dict with weights_only: notes about how the file was
+# written (pickle protocol, legacy storages, the weights_only default change, a TorchScript archive, which then
+# fails with a clear error) that a user can do nothing about. Each is (category, start of the message).
+_TORCH_LOAD_NOISE: tuple[tuple[type[Warning], str], ...] = (
+    (UserWarning, r"Detected pickle protocol \d+ in the checkpoint"),
+    (UserWarning, r"TypedStorage is deprecated"),
+    (UserWarning, r"'torch\.load' received a zip file that looks like a TorchScript archive"),
+    (FutureWarning, r"You are using `torch\.load` with `weights_only=False`"),
+)
+
+
+@contextlib.contextmanager
+def _quiet_torch_load() -> Iterator[None]:
+    """Hide only torch's `_TORCH_LOAD_NOISE` warnings for the duration of the block; any other warning shows."""
+    with warnings.catch_warnings():
+        for category, message in _TORCH_LOAD_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
 class _PickleFile:
     """A torch `.bin`/`.pt` file, opened with weights_only (never full unpickling) and memory-mapped; each tensor
     is handed out as its own copy (legacy non-zip files, read fully into memory, hand over aligned tensors)."""
@@ -187,15 +209,22 @@ class _PickleFile:
 
     def _load(self) -> Mapping[str, Any]:
         try:
-            try:
-                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap can only be used" not in str(exc):
-                    raise
-                # Legacy (non-zip) torch.save format: mmap is impossible, weights_only still applies.
-                obj = torch.load(self.path, map_location="cpu", weights_only=True)
-                self._mapped = False
+            with _quiet_torch_load():
+                try:
+                    obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap can only be used" not in str(exc):
+                        raise
+                    # Legacy (non-zip) torch.save format: mmap is impossible, weights_only still applies.
+                    obj = torch.load(self.path, map_location="cpu", weights_only=True)
+                    self._mapped = False
         except pickle.UnpicklingError as exc:
+            if "unsupported operand" in str(exc).lower():
+                raise CheckpointError(
+                    f"{self.path} was written with a pickle protocol that torch's safe (weights-only) loader cannot "
+                    "read; re-save its state dict with torch.save's default protocol, or convert it to "
+                    ".safetensors with a tool you trust"
+                ) from None
             if "weights only" in str(exc).lower():
                 raise CheckpointError(
                     f"{self.path} contains Python code/objects besides tensors, and loading it would execute "

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import settings
 from .build import LoadedModel
 from .checkpoint import CheckpointError
 from .dit_vae import load_dit, load_vae
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 COMPONENTS = ("dit", "vae", "text_encoder")
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+COMPUTE_DTYPES = tuple(getattr(torch, settings.torch_dtype_name(name)) for name in settings.COMPUTE_DTYPES)
 Source = str | os.PathLike | Mapping[str, str | os.PathLike]  # a folder or file, or component -> path
 
 
@@ -60,13 +61,10 @@ def component_dtypes(compute: torch.dtype) -> ComponentDtypes:
 
 
 def precision_settings(precision: str, fp8_granularity: str = "row") -> tuple[torch.dtype, str | None]:
-    """(compute dtype, fp8 granularity or None) of a precision name: bf16, fp16, fp32, or fp8 (bf16 compute
-    with the DiT's Linear weights stored in float8, scaled per `fp8_granularity`)."""
-    from ..precision import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision], fp8_granularity if precision == "fp8" else None
+    """(compute dtype, fp8 granularity or None) of a precision name (`settings.PRECISIONS`): bf16, fp16, fp32,
+    or fp8 (bf16 compute with the DiT's Linear weights stored in float8, scaled per `fp8_granularity`)."""
+    chosen = settings.precision(precision)
+    return getattr(torch, settings.torch_dtype_name(chosen.compute)), fp8_granularity if chosen.fp8_storage else None
 
 
 @dataclass

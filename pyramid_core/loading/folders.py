@@ -7,6 +7,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
+from ..settings import DEFAULT_VARIANT, VARIANT_PREFIX, VARIANTS, variant_name
 from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, CheckpointError, open_checkpoint
 from .configs import detect_family, family_from_class_name, read_config_json
 
@@ -21,11 +22,8 @@ __all__ = [
     "resolve_variant",
 ]
 
-DIT_VARIANTS = ("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image")
-VARIANT_ALIASES: Mapping[str, str] = MappingProxyType({"384p": DIT_VARIANTS[0], "768p": DIT_VARIANTS[1],
-                                                       "image": DIT_VARIANTS[2]})
-DEFAULT_VARIANT = DIT_VARIANTS[0]
-VARIANT_PREFIX = "diffusion_transformer_"
+DIT_VARIANTS = tuple(VARIANTS)  # the released variant folders, in settings order
+VARIANT_ALIASES: Mapping[str, str] = MappingProxyType({v.alias: v.folder for v in VARIANTS.values()})
 VAE_FOLDER = "causal_video_vae"
 
 
@@ -33,14 +31,10 @@ def resolve_variant(variant: str | None, default: str | None = None) -> str | No
     """Full variant folder name for a name or alias (`"384p"`, `"768p"`, `"image"`); None gives `default`."""
     if variant is None:
         return default
-    name = str(variant).strip().lower()
-    name = VARIANT_ALIASES.get(name, name)
-    if name in DIT_VARIANTS or (name.startswith(VARIANT_PREFIX) and name != VARIANT_PREFIX):
-        return name
-    raise CheckpointError(
-        f"unknown DiT variant {variant!r}; use one of {', '.join(DIT_VARIANTS)} or the aliases "
-        f"{', '.join(VARIANT_ALIASES)}"
-    )
+    try:
+        return variant_name(variant)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def component_family(folder: Path) -> str:

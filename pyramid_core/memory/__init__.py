@@ -48,10 +48,9 @@ from .manager import (
     module_device,
 )
 from .placements import BLOCK_LIST_NAMES, find_stream_blocks
+from ..settings import PLACEMENTS, PLANS
 from .planner import (
     DEFAULT_PREFETCH,
-    PLACEMENTS,
-    PLANS,
     ComponentPlan,
     MemoryPlan,
     check_plan,

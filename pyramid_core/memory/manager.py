@@ -18,9 +18,9 @@ from torch import nn
 
 from .estimates import GiB, Demand, Workload, component_demands, measure_component
 from .placements import BlockStream, LeafStream, Placement, PlacementContext, Resident, WholeSwap, find_stream_blocks
+from ..settings import PLACEMENTS
 from .planner import (
     DEFAULT_PREFETCH,
-    PLACEMENTS,
     ComponentPlan,
     MemoryPlan,
     budget_gb_text,
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MARGIN_GB = 0.75  # allocator fragmentation and kernels' workspaces
 
-_OOM = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
+_OOM = torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError is the same class on newer torch
 
 
 class DeviceOutOfMemoryError(_OOM):  # type: ignore[misc, valid-type]

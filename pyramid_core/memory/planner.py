@@ -11,10 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+from ..settings import PLANS
 from .estimates import GiB, VAE_DECODE_OPTIONS, ComponentSizes, Demand, Workload
 
-PLANS = ("none", "model", "block_swap", "sequential", "auto")
-PLACEMENTS = ("none", "model", "block_swap", "sequential")  # what one component can get, fastest first
 DEFAULT_PREFETCH = 2
 ASSUMED_HOST_TO_DEVICE_BYTES_PER_S = 20e9  # pinned PCIe 4.0 x16; only for reported estimates
 

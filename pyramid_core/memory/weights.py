@@ -13,7 +13,7 @@ event of its last reader; compute reads a slot only after waiting for its copy's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..settings import ATTENTION_MODES
 from .layers import FP16_MAX, frame_token_counts, host_to_device, pow2_scale
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -197,8 +198,6 @@ class TokenLayout:
         causal = order[:, None] >= order[None, :]
         return same_group & causal[None, None]
 
-
-ATTENTION_MODES = ("segmented", "masked")
 
 
 @dataclass(frozen=True, eq=False)

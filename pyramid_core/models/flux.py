@@ -133,7 +133,6 @@ class PyramidFluxTransformer(PyramidDiT):
         use_temporal_causal: bool = True,
         interp_condition_pos: bool = True,
         use_gradient_checkpointing: bool = False,
-        **unused,
     ):
         super().__init__(token_patch=PATCH_SIZE)
         if not use_temporal_causal:

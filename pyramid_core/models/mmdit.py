@@ -122,7 +122,6 @@ class PyramidMMDiT(PyramidDiT):
         interp_condition_pos: bool = True,
         use_flash_attn: bool = False,
         use_gradient_checkpointing: bool = False,
-        **unused,
     ):
         super().__init__(token_patch=patch_size)
         if qk_norm != "rms_norm" or pos_embed_type != "sincos" or temp_pos_embed_type != "rope":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import uuid
 
-import torch
 
 from . import model_management
 

@@ -31,7 +31,7 @@ def worker(args) -> dict:
     import torch
 
     from bench._models import build_components
-    from pyramid_core.memory import GiB, MemoryManager, Workload
+    from pyramid_core.memory import DirectCopies, GiB, MemoryManager, Workload
     from pyramid_core.pipeline import PyramidFlowPipeline
 
     torch.manual_seed(0)
@@ -39,7 +39,8 @@ def worker(args) -> dict:
     kwargs = {}
     if args.worker == "block_swap":
         kwargs = dict(resident_blocks=len(dit.blocks) // 2, prefetch=2)
-    memory = MemoryManager(args.worker, device="cpu", margin_gb=0, **kwargs)
+    # an explicit backend: the plans' mechanics run as asked (the default runs every plan as 'none' on a CPU)
+    memory = MemoryManager(args.worker, device="cpu", margin_gb=0, backend=DirectCopies(torch.device("cpu")), **kwargs)
     pipe = PyramidFlowPipeline(dit, vae, text, "flux", "diffusion_transformer_384p", torch.float32, memory)
     if args.worker == "auto":  # 80 % of what the DiT needs whole (or the next largest floor): auto streams blocks
         demands = memory.demands(Workload(args.width, args.height, args.temp, True, 4))

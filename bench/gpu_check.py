@@ -52,7 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from bench._models import build_components  # noqa: E402
 from pyramid_core import PyramidFlowPipeline  # noqa: E402
-from pyramid_core.memory import GiB, MemoryManager  # noqa: E402
+from pyramid_core.memory import GiB, MemoryManager, backend_for  # noqa: E402
 from pyramid_core.models.attention import TokenLayout  # noqa: E402
 from pyramid_core.models.dit import configure_dit  # noqa: E402
 from pyramid_core.sampling import clean_pyramid, history_for_stage  # noqa: E402
@@ -695,8 +695,10 @@ def sampling_case(run: Run, res: str, case: Case, capped: bool) -> tuple[dict, t
                            "baseline_allocated_gib": probe.allocated_gib()}
     row["allocator_cap_gib"] = probe.cap(case.budget_gb) if capped and case.budget_gb else (
         "uncapped" if probe.cuda else NA)
+    # an explicit backend: the CPU self-check runs the plans as asked (the default runs them as 'none' on a CPU)
     manager = MemoryManager(case.plan, device=run.cfg.device, budget_gb=case.budget_gb,
-                            resident_blocks=resident_blocks(case, run.models.dit), prefetch=2)
+                            resident_blocks=resident_blocks(case, run.models.dit), prefetch=2,
+                            backend=backend_for(run.cfg.device))
     latents = None
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -773,7 +775,8 @@ def block_swap_trace(run: Run) -> dict:
     the single blocks stream whatever the planner's estimates say (K from a budget may keep all resident)."""
     width, height, _ = run.cfg.sizes["768p"]
     k = len(run.models.dit.transformer_blocks)
-    manager = MemoryManager("block_swap", device=run.cfg.device, resident_blocks=k, prefetch=2)
+    manager = MemoryManager("block_swap", device=run.cfg.device, resident_blocks=k, prefetch=2,
+                            backend=backend_for(run.cfg.device))
     manager.register("dit", run.models.dit)
     try:
         plan = manager.prepare(width, height, run.cfg.temp, cfg=True, dtype=run.cfg.dtype)

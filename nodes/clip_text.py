@@ -7,7 +7,7 @@ tokens with its attention mask applied inside T5, CLIP to its first 77 tokens; p
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -76,8 +76,16 @@ def _encode_one(clip: Any, text: str, family: str, device: torch.device) -> Text
 
 def encode_with_clip(clip: Any, positive: str, negative: str) -> tuple[TextEmbeddings, str]:
     """CFG batch [negative, positive] (exact strings: add any suffix before) and the DiT family."""
+    (embeddings,), family = encode_pairs_with_clip(clip, [(positive, negative)])
+    return embeddings, family
+
+
+def encode_pairs_with_clip(clip: Any, pairs: Sequence[tuple[str, str]]) -> tuple[list[TextEmbeddings], str]:
+    """One CFG batch [negative, positive] per (positive, negative) pair (exact strings), loading the CLIP
+    once (a prompt schedule's distinct pairs), and the DiT family."""
     family = clip_family(clip)
     clip.load_model()  # through load_models_gpu: ComfyUI manages the text encoders
     device = clip.patcher.load_device
-    embeddings = TextEmbeddings.cat([_encode_one(clip, text, family, device) for text in (negative, positive)])
-    return embeddings, family
+    batches = [TextEmbeddings.cat([_encode_one(clip, text, family, device) for text in (negative, positive)])
+               for positive, negative in pairs]
+    return batches, family

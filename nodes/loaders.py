@@ -17,7 +17,8 @@ NO_MODEL = (
 NO_VAE = "(none found) put pyramid_flow_vae_bf16.safetensors in models/vae/"
 VARIANTS = tuple(v.alias for v in settings.VARIANTS.values())
 PRECISIONS = tuple(settings.PRECISIONS)
-# segmented = fused per-frame SDPA; sage / flash = the same path on those kernels; masked = official dense mask
+# segmented = fused per-frame SDPA; sage / flash = the same path on those kernels; flex = one FlexAttention call;
+# masked = official dense mask (pyramid_core.models.attention.attention_keywords maps a name to the DiT settings)
 ATTENTION_BACKENDS = (*settings.ATTENTION_MODES, *(k for k in settings.ATTENTION_KERNELS if k != "sdpa"))
 VAE_PRECISIONS = ("bf16", "fp32")  # fp16 compute keeps the VAE in fp32 anyway (loading.component_dtypes)
 FAMILY_CHOICES = {family.title.lower(): key for key, family in settings.FAMILIES.items()}  # miniflux, sd3
@@ -95,16 +96,18 @@ class PyramidFlowCoreModelLoader:
                 "resident_blocks": ("INT", {"default": 0, "min": 0, "max": 64,
                                     "tooltip": "block_swap: DiT blocks kept on the GPU (0 = from the budget)"}),
                 "attention": (list(ATTENTION_BACKENDS), {"default": "segmented",
-                              "tooltip": "segmented: fused SDPA kernels per frame (fast, low memory); sage / flash: the same on SageAttention / flash-attn (pip install sageattention / flash-attn); masked: the official dense mask"}),
+                              "tooltip": "segmented: fused SDPA kernels per frame (fast, low memory); sage / flash: the same on SageAttention / flash-attn (pip install sageattention / flash-attn); flex: one compiled FlexAttention call per block (CUDA, torch >= 2.5; first steps compile); masked: the official dense mask"}),
             }
         }
 
     def load(self, model, variant, precision, offload, vram_budget_gb=0.0, resident_blocks=0, attention="segmented"):
         from pyramid_core.loading import load_components, precision_settings, resolve_model_folder
+        from pyramid_core.models.attention import attention_keywords
         from pyramid_core.precision import configure_dit
 
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+        attention_settings = attention_keywords(attention)  # before loading: flex on old torch fails here
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
         if precision not in PRECISIONS:
@@ -115,8 +118,7 @@ class PyramidFlowCoreModelLoader:
         wanted = ("dit", "vae") if folder is not None and folder.vae is not None else ("dit",)
         parts = load_components(path, variant, dtype=compute, fp8=fp8, components=wanted)
         loaded, dtypes = parts.dit, parts.dtypes
-        configure_dit(loaded.model, attention_mode="masked" if attention == "masked" else "segmented",
-                      attention_backend=attention if attention in ("sage", "flash") else "sdpa")
+        configure_dit(loaded.model, **attention_settings)
         dit = ManagedModel.wrap(loaded.model, compute, host.torch_device(), host.dit_offload_device())
         result = PyramidFlowModel(dit, loaded.family, loaded.variant, compute, offload, float(vram_budget_gb),
                                   int(resident_blocks), str(path))

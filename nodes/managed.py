@@ -11,11 +11,12 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from pyramid_core.schedules import PromptSchedule, is_schedule_text
 from pyramid_core.settings import PLACEMENTS
 
 from . import comfy as host
@@ -102,12 +103,70 @@ class PyramidFlowTextEncoder:
         return self._managed
 
 
+Pair = tuple[str, str]  # (prompt, negative prompt) as written, before any quality suffix
+
+
 @dataclass(eq=False)
 class PyramidFlowConditioning:
-    """Value of the PYRAMIDFLOW_CONDITIONING type: CFG batch [negative, positive] on the CPU."""
+    """Value of the PYRAMIDFLOW_CONDITIONING type: CFG batches [negative, positive] on the CPU.
+
+    Plain prompts: `embeddings` conditions every latent frame (the format before prompt schedules).
+    Prompt schedules (`pyramid_core.schedules`): `prompt_schedule` / `negative_schedule` say which
+    (prompt, negative prompt) pair is in force at each latent frame, and `scheduled` holds one CFG batch
+    per distinct pair; `embeddings` is then latent frame 0's batch, so code reading only it keeps working.
+    """
 
     embeddings: Any  # pyramid_core.text.TextEmbeddings
     family: str
+    prompt_schedule: PromptSchedule | None = None
+    negative_schedule: PromptSchedule | None = None
+    scheduled: Mapping[Pair, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def schedules(prompt: str, negative_prompt: str) -> tuple[PromptSchedule, PromptSchedule] | None:
+        """Both texts as schedules when either is written in the schedule form ("0: a cat | 8: a dog"),
+        else None (plain prompts). Malformed schedules raise, quoting the entry."""
+        if not (is_schedule_text(prompt) or is_schedule_text(negative_prompt)):
+            return None
+        return PromptSchedule.parse(prompt), PromptSchedule.parse(negative_prompt)
+
+    @staticmethod
+    def pairs(prompt_schedule: PromptSchedule, negative_schedule: PromptSchedule) -> list[Pair]:
+        """The distinct (prompt, negative prompt) pairs of two schedules, in order of first use."""
+        starts = sorted({start for start, _ in prompt_schedule.entries + negative_schedule.entries})
+        return list(dict.fromkeys((prompt_schedule.at(s), negative_schedule.at(s)) for s in starts))
+
+    @classmethod
+    def from_schedules(cls, prompt_schedule: PromptSchedule, negative_schedule: PromptSchedule, family: str,
+                       encoded: Mapping[Pair, Any]) -> "PyramidFlowConditioning":
+        """Scheduled conditioning from the CFG batch of every pair `pairs` lists."""
+        missing = [p for p in cls.pairs(prompt_schedule, negative_schedule) if p not in encoded]
+        if missing:
+            raise ValueError(f"no embeddings for the scheduled prompt pairs {missing}")
+        first = (prompt_schedule.at(0), negative_schedule.at(0))
+        return cls(encoded[first], family, prompt_schedule, negative_schedule, dict(encoded))
+
+    @property
+    def is_scheduled(self) -> bool:
+        return self.prompt_schedule is not None
+
+    def at(self, unit: int) -> Any:
+        """The CFG batch that conditions latent frame `unit`."""
+        if not self.is_scheduled:
+            return self.embeddings
+        return self.scheduled[(self.prompt_schedule.at(unit), self.negative_schedule.at(unit))]
+
+    def for_units(self, num_units: int, cfg: bool = True) -> Any:
+        """What the pipeline's `prompt_embeds` takes for a video of `num_units` latent frames: the embeddings
+        (plain prompts) or a function unit -> embeddings (schedules; the same object for units sharing a
+        pair). `cfg=False`: positive halves only. A schedule entry starting past the video raises, quoting it."""
+        if not self.is_scheduled:
+            return self.embeddings if cfg else self.embeddings.chunk_cfg()[1]
+        for schedule in (self.prompt_schedule, self.negative_schedule):
+            schedule.check_length(num_units)
+        batches = {pair: emb if cfg else emb.chunk_cfg()[1] for pair, emb in self.scheduled.items()}
+        prompt, negative = self.prompt_schedule, self.negative_schedule
+        return lambda unit: batches[(prompt.at(unit), negative.at(unit))]
 
 
 def resolve_offload(mode: str, model_bytes: int, device: torch.device) -> str:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .latent_format import denormalize_latents, frames_to_float, frames_to_uint8, normalize_latents
+from .latent_format import denormalize_latents, frames_to_float, frames_to_uint8, latent_factors, normalize_latents
+from .models.vae_decode import ChunkDecoder
 
 FRAME_TYPES = ("pt", "np", "pil", "float")
 DecodeProgress = Callable[[int, int], None]
@@ -114,3 +115,57 @@ class LatentCodec:
                            host="cpu", frame_callback=collect, return_frames=False, step_callback=progress)
         video = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return video.reshape(-1, *video.shape[2:])
+
+
+class StreamingDecode:
+    """Decode a clip while it is generated: `feed` DiT-space latent frames in order; each call returns the
+    video frames whose temporal chunk became complete (uint8 [f,H,W,3] on the host, or None), so a writer can
+    append them at once. The frames equal `LatentCodec.decode` of the whole clip with the same chunking.
+
+    num_frames: the clip's latent frames in all (the chunking depends on it); height/width: latent size.
+    """
+
+    def __init__(self, codec: LatentCodec, num_frames: int, height: int, width: int, *, save_memory: bool = True,
+                 tiling: bool = True):
+        codec._require_vae()
+        self.codec, self.num_frames, self.height, self.width, self.tiling = codec, num_frames, height, width, tiling
+        self.window, self.tile = codec.memory.vae_decode_settings(save_memory)
+        self.decoder: ChunkDecoder | None = None
+        self.raw: list[torch.Tensor] = []  # raw latent frames fed and not yet decoded
+        self.first_pending = 0  # absolute index of raw[0]
+
+    @torch.no_grad()
+    def feed(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """Add the next latent frames [1,16,n,h,w]; returns the frames of every chunk now complete."""
+        fed = self.first_pending + len(self.raw)
+        if fed + latents.shape[2] > self.num_frames:
+            raise ValueError(f"fed {fed + latents.shape[2]} latent frames, more than the {self.num_frames} announced")
+        factors = latent_factors(self.codec.family)
+        for index, frame in enumerate(latents.split(1, dim=2), start=fed):
+            if index == 0:
+                self.raw.append(denormalize_latents(frame, self.codec.family))
+            else:  # the same arithmetic as denormalize_latents applies to later frames
+                self.raw.append(frame / factors.video_scale + factors.video_shift)
+        pieces = []
+        with self.codec.memory.oom_guard("decoding"), self.codec.memory.use("vae") as vae:
+            if self.decoder is None:
+                self.decoder = ChunkDecoder(vae, self.num_frames, self.height, self.width, temporal_chunk=True,
+                                            window_size=self.window, tile_sample_min_size=self.tile,
+                                            tiling=self.tiling, out_device=torch.device("cpu"))
+            decoder = self.decoder
+            while decoder.next_chunk < len(decoder.chunks):
+                start, end = decoder.chunks[decoder.next_chunk]
+                if end > self.first_pending + len(self.raw):
+                    break
+                z = torch.cat(self.raw[start - self.first_pending:end - self.first_pending], dim=2)
+                z = z.to(self.codec.device, next(vae.parameters()).dtype)
+                pieces.append(frames_to_uint8(decoder.decode_chunk(decoder.next_chunk, z)))
+                del self.raw[:end - self.first_pending]
+                self.first_pending = end
+        return torch.cat(pieces) if pieces else None
+
+    def close(self) -> None:
+        """Drop the decoder's conv caches (also after a failure)."""
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None

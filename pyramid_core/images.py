@@ -7,10 +7,16 @@ import re
 import struct
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps
 
-__all__ = ["MAX_ASPECT_MISMATCH", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "open_image", "start_image_warnings"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "MAX_ASPECT_MISMATCH", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "open_image", "prepare_image", "start_image_warnings",
+]
 
 # 8192 x 8192 (67 MP): far more than any start image needs (768p is 1 MP; it is resized to the video size),
 # and below PIL's own decompression-bomb limit, so this module decides, with one message.
@@ -113,3 +119,41 @@ def start_image_warnings(
             f"{1 / mismatch:.0%} of its {side} is kept; crop it yourself or choose a video size closer to its shape"
         )
     return found
+
+
+def prepare_image(image: Any, width: int | None, height: int | None) -> tuple[torch.Tensor, int, int]:
+    """An i2v start image -> ([1,3,1,H,W] float in [-1,1], width, height).
+
+    Accepts a PIL image, a uint8 array [H,W,3], or a float tensor/array [H,W,3] (or [1,H,W,3]) in [0,1].
+    Policy when the image size differs from width x height: scale to cover, then centre-crop (LANCZOS),
+    as the official demo does. Without width/height the image's own size is used.
+    """
+    import numpy as np
+    import torch
+
+    from .validation import check_resolution
+
+    if isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 3 or array.shape[-1] not in (3, 4):
+            raise ValueError(f"input image must be [H, W, 3] (RGB); got shape {array.shape}")
+        if array.dtype != np.uint8:
+            array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        pil = Image.fromarray(array[..., :3], "RGB")
+    width = width or pil.width
+    height = height or pil.height
+    check_resolution(width, height)
+    for message in start_image_warnings(pil.width, pil.height, width, height):
+        warnings.warn(message, stacklevel=3)
+    if pil.size != (width, height):
+        scale = max(width / pil.width, height / pil.height)
+        resized = pil.resize((max(width, round(pil.width * scale)), max(height, round(pil.height * scale))), Image.LANCZOS)
+        left, top = (resized.width - width) // 2, (resized.height - height) // 2
+        pil = resized.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).float().div(255.0)
+    pixels = (pixels - 0.5) / 0.5
+    return pixels.permute(2, 0, 1)[None, :, None], width, height

@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["WriteError", "check_writable", "output_path", "write_atomically"]
+__all__ = [
+    "WriteError", "as_write_error", "check_writable", "output_path", "publish", "reserve_temp", "write_atomically",
+]
 
 _MAX_COUNTER = 99999
 _PROBE_BYTES = 4096  # check_writable writes this much, so a completely full disk is caught up front
@@ -226,6 +228,23 @@ def _sync(path: Path) -> None:
             raise  # fsync unsupported by this file system: nothing to flush
     finally:
         os.close(fd)
+
+
+def reserve_temp(target: Path) -> Path:
+    """The writers' hidden temporary file next to `target` (created empty); publish it with `publish`."""
+    return _reserve_temp(target)
+
+
+def publish(tmp: Path, target: Path, overwrite: bool = False) -> Path:
+    """Flush a finished temporary file to disk and move it into place (never replacing a file unless
+    `overwrite`); returns the path written."""
+    _sync(tmp)
+    return _publish(tmp, target, overwrite)
+
+
+def as_write_error(target: Path, exc: BaseException, *, what: str = "file") -> BaseException:
+    """`exc` as a `WriteError` when it is an OS or encoder failure; otherwise `exc` itself."""
+    return WriteError.from_exception(target, exc, what=what) if _is_write_failure(exc) else exc
 
 
 def _candidates(target: Path) -> Iterator[Path]:

@@ -6,20 +6,18 @@ the command line and the ComfyUI nodes.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .codec import FRAME_TYPES, DecodeProgress, LatentCodec
-from .images import start_image_warnings
+from .images import prepare_image
 from .memory import MemoryManager, default_device
 from .models.layers import host_to_device
-from .sampling import PyramidSampler, StepCallback, UnitCallback, linear_guidance_scales
+from .sampling import PyramidSampler, RandomStreams, StepCallback, TextSource, UnitCallback, linear_guidance_scales
+from .schedules import PromptSchedule, ScheduleSource, is_schedule_text
 from .scheduler import PyramidFlowScheduler
 from .text import DEFAULT_NEGATIVE_PROMPT, PyramidTextEncoder, TextEmbeddingCache, TextEmbeddings
 from .settings import DEFAULT_VARIANT
@@ -28,64 +26,6 @@ from .validation import check_guidance, check_resolution, check_seed, check_step
 OUTPUT_TYPES = ("latent", *FRAME_TYPES)
 LATENT_CHANNELS = 16
 VAE_DOWNSAMPLE = 8
-
-
-@dataclass
-class RandomStreams:
-    """The two random streams of a generation.
-
-    noise: the initial-noise generator (None = global RNG of the execution device, official).
-    global_: draws the official code takes from the global RNG (i2v posterior sample, stage-jump
-    block noise); None = the CPU global RNG itself, a CPU generator = a private stream.
-    """
-
-    noise: torch.Generator | None = None
-    global_: torch.Generator | None = None
-
-    @classmethod
-    def from_seed(cls, seed: int) -> "RandomStreams":
-        """Both streams seeded from one number, never touching global RNG state.
-
-        Equivalent to the official call after `torch.manual_seed(seed)` with
-        `generator=torch.Generator("cpu").manual_seed(seed)` on a CPU run.
-        """
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        seed %= 2**64
-        return cls(torch.Generator("cpu").manual_seed(seed), torch.Generator("cpu").manual_seed(seed))
-
-
-def prepare_image(image: Any, width: int | None, height: int | None) -> tuple[torch.Tensor, int, int]:
-    """An i2v start image -> ([1,3,1,H,W] float in [-1,1], width, height).
-
-    Accepts a PIL image, a uint8 array [H,W,3], or a float tensor/array [H,W,3] (or [1,H,W,3]) in [0,1].
-    Policy when the image size differs from width x height: scale to cover, then centre-crop (LANCZOS),
-    as the official demo does. Without width/height the image's own size is used.
-    """
-    if isinstance(image, Image.Image):
-        pil = image.convert("RGB")
-    else:
-        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        if array.ndim == 4 and array.shape[0] == 1:
-            array = array[0]
-        if array.ndim != 3 or array.shape[-1] not in (3, 4):
-            raise ValueError(f"input image must be [H, W, 3] (RGB); got shape {array.shape}")
-        if array.dtype != np.uint8:
-            array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        pil = Image.fromarray(array[..., :3], "RGB")
-    width = width or pil.width
-    height = height or pil.height
-    check_resolution(width, height)
-    for message in start_image_warnings(pil.width, pil.height, width, height):
-        warnings.warn(message, stacklevel=3)
-    if pil.size != (width, height):
-        scale = max(width / pil.width, height / pil.height)
-        resized = pil.resize((max(width, round(pil.width * scale)), max(height, round(pil.height * scale))), Image.LANCZOS)
-        left, top = (resized.width - width) // 2, (resized.height - height) // 2
-        pil = resized.crop((left, top, left + width, top + height))
-    pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).float().div(255.0)
-    pixels = (pixels - 0.5) / 0.5
-    return pixels.permute(2, 0, 1)[None, :, None], width, height
 
 
 @dataclass
@@ -219,15 +159,23 @@ class PyramidFlowPipeline:
         callback: Callable[[int, int], None] | None = None,
         *,
         seed: int | None = None,
-        prompt_embeds: TextEmbeddings | None = None,
+        prompt_embeds: TextSource | None = None,
         add_prompt_suffix: bool = True,
         step_callback: StepCallback | None = None,
         unit_callback: UnitCallback | None = None,
         vae_tiling: bool = True,
         decode_callback: DecodeProgress | None = None,
+        noise: torch.Tensor | None = None,
+        random_streams: RandomStreams | None = None,
+        history_frames: int | None = None,
     ):
-        """Text-to-video (temp > 1) or text-to-image (temp = 1). Returns frames or latents per `output_type`;
-        `decode_callback(done, total)` reports the VAE decode in latent frames."""
+        """Text-to-video (temp > 1) or text-to-image (temp = 1). Returns frames or latents per `output_type`.
+
+        `prompt` / `negative_prompt` may be prompt schedules (`pyramid_core.schedules`: "0: a cat | 8: a dog").
+        `noise`: the initial noise [1,16,temp,h,w] instead of a draw; `random_streams`: the random streams
+        to draw from and advance (continue them in `extend` to reproduce a longer run exactly);
+        `history_frames`: keep only the newest N latent frames as history. `decode_callback(done, total)`
+        reports the VAE decode steps."""
         if height is None or width is None:
             raise ValueError("height and width are required (multiples of 64, e.g. 640x384 for 384p, 1280x768 for 768p)")
         check_resolution(width, height)
@@ -236,19 +184,19 @@ class PyramidFlowPipeline:
         video_steps = check_steps(video_num_inference_steps, "video_num_inference_steps")
         _check_request(prompt, num_images_per_prompt, output_type)
         _check_guidance_and_seed(guidance_scale, video_guidance_scale, seed)
-        streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
+        streams = _streams(seed, generator, random_streams)
         do_cfg = guidance_scale > 0
         self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)
-        text = self._text(prompt, negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg)
+        text = self._unit_texts(prompt, negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg, temp)
 
-        noise = self._initial_noise(temp, height, width, streams.noise)
+        noise = self._noise(noise, temp, height, width, streams.noise)
         unit_guidance = (
             linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp) if use_linear_guidance else None
         )
         latents = self._sample(
             noise, text, streams, (step_callback, unit_callback, callback), first_frame_steps=first_steps,
             video_steps=video_steps, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
-            unit_guidance=unit_guidance,
+            unit_guidance=unit_guidance, history_frames=history_frames,
         )
         return self._output(latents, output_type, save_memory, vae_tiling, decode_callback)
 
@@ -274,19 +222,22 @@ class PyramidFlowPipeline:
         width: int | None = None,
         height: int | None = None,
         seed: int | None = None,
-        prompt_embeds: TextEmbeddings | None = None,
+        prompt_embeds: TextSource | None = None,
         add_prompt_suffix: bool = True,
         step_callback: StepCallback | None = None,
         unit_callback: UnitCallback | None = None,
         vae_tiling: bool = True,
         image_latent: torch.Tensor | None = None,
         decode_callback: DecodeProgress | None = None,
+        random_streams: RandomStreams | None = None,
+        history_frames: int | None = None,
     ):
         """Image-to-video: `temp` latent frames in total, frame 0 being the encoded `input_image`.
 
         `image_latent` (DiT-space [1,16,1,h,w]) may replace `input_image` (e.g. from a VAE-encode node).
         An image whose size differs from width x height is scaled to cover and centre-cropped.
-        `decode_callback(done, total)` reports the VAE decode in latent frames.
+        `decode_callback(done, total)` reports the VAE decode steps; the prompt may be a schedule, and
+        `random_streams` / `history_frames` are as in `generate`.
         """
         if not isinstance(temp, int) or temp < 2:
             raise ValueError(f"image-to-video needs temp >= 2 (the image is frame 0), got {temp!r}")
@@ -294,7 +245,7 @@ class PyramidFlowPipeline:
         steps = check_steps(num_inference_steps, "num_inference_steps")
         _check_request(prompt, num_images_per_prompt, output_type)
         _check_guidance_and_seed(guidance_scale, video_guidance_scale, seed)
-        streams = RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
+        streams = _streams(seed, generator, random_streams)
         do_cfg = guidance_scale > 0
         if image_latent is None:
             if input_image is None:
@@ -305,8 +256,8 @@ class PyramidFlowPipeline:
             width, height = width or w * VAE_DOWNSAMPLE, height or h * VAE_DOWNSAMPLE
             check_resolution(width, height)
         self.memory.prepare(width, height, temp, cfg=do_cfg, dtype=self.dtype)  # before any component is placed
-        text = self._text(prompt or "", negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg)
-        noise = self._initial_noise(temp, height, width, streams.noise)
+        text = self._unit_texts(prompt or "", negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg, temp)
+        noise = self._initial_noise(temp, height, width, streams.noise)[:, :, : temp - 1]  # official: frames 0..T-2
         if image_latent is None:
             image_latent = self.encode_image(pixels, generator=streams.global_)
         unit_guidance = (
@@ -315,9 +266,112 @@ class PyramidFlowPipeline:
         latents = self._sample(
             noise, text, streams, (step_callback, unit_callback, callback), first_frame_steps=steps,
             video_steps=steps, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
-            first_frame_latent=image_latent.to(self.dtype), unit_guidance=unit_guidance,
+            history=image_latent.to(self.dtype), unit_guidance=unit_guidance, history_frames=history_frames,
         )
         return self._output(latents, output_type, save_memory, vae_tiling, decode_callback)
+
+    @torch.no_grad()
+    def extend(
+        self,
+        latents: torch.Tensor,
+        *,
+        prompt: ScheduleSource | None = None,
+        temp: int,
+        num_inference_steps: int | Sequence[int] = 28,
+        guidance_scale: float = 7.0,
+        video_guidance_scale: float = 5.0,
+        negative_prompt: ScheduleSource | None = DEFAULT_NEGATIVE_PROMPT,
+        generator: torch.Generator | None = None,
+        output_type: str = "latent",
+        save_memory: bool = True,
+        callback: Callable[[int, int], None] | None = None,
+        seed: int | None = None,
+        noise: torch.Tensor | None = None,
+        random_streams: RandomStreams | None = None,
+        history_frames: int | None = None,
+        prompt_embeds: TextSource | None = None,
+        add_prompt_suffix: bool = True,
+        step_callback: StepCallback | None = None,
+        unit_callback: UnitCallback | None = None,
+        vae_tiling: bool = True,
+        decode_callback: DecodeProgress | None = None,
+    ):
+        """Continue a clip by `temp` latent frames; returns the whole clip (old + new) per `output_type`.
+
+        `latents`: the clip as DiT-space latents [1,16,k,h,w] (`output_type="latent"` of a generation, or
+        `encode_video` of frames). The new units are video units with the clip as their history, exactly
+        as the units at those indexes of a full run: with that run's initial noise of the new frames
+        (`noise`) and its random streams continued (`random_streams`), the latents are the full run's.
+        `num_inference_steps` are the new units' steps per stage; `guidance_scale` > 0 turns CFG on (as a
+        full run's first-frame scale does) and `video_guidance_scale` guides the new units. Schedule starts
+        count from the first frame of the whole clip.
+        """
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[:2] != (1, LATENT_CHANNELS):
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"extend needs a clip of Pyramid Flow latents [1,16,k,h,w] (output_type='latent'); got {shape}")
+        if not isinstance(temp, int) or isinstance(temp, bool) or temp < 1:
+            raise ValueError(f"temp (latent frames to add) must be an integer >= 1, got {temp!r}")
+        height, width = latents.shape[3] * VAE_DOWNSAMPLE, latents.shape[4] * VAE_DOWNSAMPLE
+        check_resolution(width, height)
+        total = latents.shape[2] + temp
+        check_temp(total, self.variant)
+        steps = check_steps(num_inference_steps, "num_inference_steps")
+        _check_output_type(output_type)
+        _check_guidance_and_seed(guidance_scale, video_guidance_scale, seed)
+        streams = _streams(seed, generator, random_streams)
+        do_cfg = guidance_scale > 0
+        self.memory.prepare(width, height, total, cfg=do_cfg, dtype=self.dtype)
+        text = self._unit_texts(prompt, negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg, total)
+        noise = self._noise(noise, temp, height, width, streams.noise)
+        clip = self._sample(
+            noise, text, streams, (step_callback, unit_callback, callback), first_frame_steps=steps,
+            video_steps=steps, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
+            history=latents.to(self.dtype), history_frames=history_frames,
+        )
+        return self._output(clip, output_type, save_memory, vae_tiling, decode_callback)
+
+    def _unit_texts(self, prompt, negative_prompt, prompt_embeds, add_suffix: bool, do_cfg: bool,
+                    num_units: int) -> TextSource:
+        """The text of every unit: one embedding for plain prompts (unchanged path), or unit -> embedding
+        for schedules, each distinct (negative, prompt) pair encoded once.
+
+        `prompt_embeds` (of generate, generate_i2v, extend) is precomputed embeddings for every unit, or a
+        function unit -> embeddings (a schedule resolved by the caller, e.g. the ComfyUI sampler node): it is
+        called here for units 0..num_units-1, and each distinct object it returns (return the same object
+        for units that share a prompt) is checked and put on the device once."""
+        if callable(prompt_embeds):
+            placed: dict[int, tuple[TextEmbeddings, TextEmbeddings]] = {}  # id -> (the caller's object, placed)
+            per_unit = []
+            for unit in range(num_units):
+                embeddings = prompt_embeds(unit)
+                if not isinstance(embeddings, TextEmbeddings):
+                    raise TypeError(f"prompt_embeds({unit}) returned {type(embeddings).__name__}, not TextEmbeddings")
+                if id(embeddings) not in placed:
+                    placed[id(embeddings)] = (embeddings, self._text(None, None, embeddings, add_suffix, do_cfg))
+                per_unit.append(placed[id(embeddings)][1])
+            return per_unit.__getitem__
+        if prompt_embeds is not None or not (is_schedule(prompt) or is_schedule(negative_prompt)):
+            return self._text(prompt, negative_prompt, prompt_embeds, add_suffix, do_cfg)
+        positive = PromptSchedule.parse(prompt if prompt is not None else "")
+        negative = PromptSchedule.parse(negative_prompt if negative_prompt is not None else "")
+        for schedule in (positive, negative):
+            schedule.check_length(num_units)
+        encoded: dict[tuple[str, str], TextEmbeddings] = {}
+        for unit in sorted({start for start, _ in positive.entries + negative.entries}):
+            pair = (positive.at(unit), negative.at(unit))
+            if pair not in encoded:
+                encoded[pair] = self._text(pair[0], pair[1], None, add_suffix, do_cfg)
+        return lambda unit: encoded[(positive.at(unit), negative.at(unit))]
+
+    def _noise(self, noise: torch.Tensor | None, temp: int, height: int, width: int,
+               generator: torch.Generator | None) -> torch.Tensor:
+        """The given initial noise (checked) or one draw of it."""
+        if noise is None:
+            return self._initial_noise(temp, height, width, generator)
+        expected = (1, LATENT_CHANNELS, temp, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise must have shape {list(expected)} (1, 16, temp, height/8, width/8), got {list(noise.shape)}")
+        return host_to_device(noise.float(), self.device).to(self.dtype)
 
     # ------------------------------------------------------------------ VAE (delegated to the codec)
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -362,6 +416,21 @@ class PyramidFlowPipeline:
         return self.decode(latents, output_type=output_type, save_memory=save_memory, tiling=tiling, progress=progress)
 
 
+def is_schedule(prompt: object) -> bool:
+    """Whether a prompt argument is a schedule (the text form, a list of (start, text) pairs, a PromptSchedule)."""
+    if isinstance(prompt, PromptSchedule) or is_schedule_text(prompt):
+        return True
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(e, (list, tuple)) for e in prompt)
+
+
+def _streams(seed: int | None, generator: torch.Generator | None, random_streams: RandomStreams | None) -> RandomStreams:
+    if random_streams is not None:
+        if seed is not None or generator is not None:
+            raise ValueError("pass random_streams, or seed / generator, not both")
+        return random_streams
+    return RandomStreams.from_seed(seed) if seed is not None else RandomStreams(noise=generator)
+
+
 def _check_guidance_and_seed(guidance_scale: float, video_guidance_scale: float, seed: int | None) -> None:
     check_guidance(guidance_scale, "guidance_scale")
     check_guidance(video_guidance_scale, "video_guidance_scale")
@@ -371,7 +440,7 @@ def _check_guidance_and_seed(guidance_scale: float, video_guidance_scale: float,
 
 def _check_request(prompt, num_images_per_prompt: int, output_type: str) -> None:
     _check_output_type(output_type)
-    if num_images_per_prompt != 1 or (isinstance(prompt, list) and len(prompt) != 1):
+    if num_images_per_prompt != 1 or (isinstance(prompt, list) and len(prompt) != 1 and not is_schedule(prompt)):
         raise ValueError("one video per call: pass a single prompt and num_images_per_prompt=1")
 
 

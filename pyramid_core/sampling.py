@@ -54,6 +54,7 @@ class StepInfo:
 
 StepCallback = Callable[[StepInfo], None]
 UnitCallback = Callable[[int, int, torch.Tensor], None]  # (unit, num_units, newest clean latent)
+TextSource = TextEmbeddings | Callable[[int], TextEmbeddings]  # one for every unit, or unit -> embeddings
 
 
 def stage0_noise(noise: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,31 @@ def guided_velocity(velocity: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on a [negative; positive] batch: u + g * (c - u)."""
     uncond, cond = velocity.chunk(2)
     return uncond + scale * (cond - uncond)
+
+
+@dataclass
+class RandomStreams:
+    """The two random streams of a generation.
+
+    noise: the initial-noise generator (None = global RNG of the execution device, official).
+    global_: draws the official code takes from the global RNG (i2v posterior sample, stage-jump
+    block noise); None = the CPU global RNG itself, a CPU generator = a private stream.
+    """
+
+    noise: torch.Generator | None = None
+    global_: torch.Generator | None = None
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "RandomStreams":
+        """Both streams seeded from one number, never touching global RNG state.
+
+        Equivalent to the official call after `torch.manual_seed(seed)` with
+        `generator=torch.Generator("cpu").manual_seed(seed)` on a CPU run.
+        """
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        seed %= 2**64
+        return cls(torch.Generator("cpu").manual_seed(seed), torch.Generator("cpu").manual_seed(seed))
 
 
 @dataclass
@@ -179,53 +205,74 @@ class PyramidSampler:
     def sample(
         self,
         noise: torch.Tensor,
-        text: TextEmbeddings,
+        text: TextSource,
         *,
         first_frame_steps: Sequence[int],
         video_steps: Sequence[int],
         guidance_scale: float,
         video_guidance_scale: float,
-        first_frame_latent: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
         unit_guidance: Sequence[float] | None = None,
+        history_frames: int | None = None,
     ) -> torch.Tensor:
-        """Generate every latent frame. Returns DiT-space latents [B,C,T,h,w].
+        """Generate latent frames after `history`. Returns the whole clip, DiT-space latents [B,C,k+T,h,w].
 
-        noise: the full-resolution initial noise [B,C,T,h,w] (one draw, as official).
-        first_frame_latent: i2v conditioning frame [B,C,1,h,w]; then units 1..T-1 are generated
-        from noise frames 0..T-2 (the official offset) and every unit uses video guidance.
-        unit_guidance: per-unit guidance scales overriding both scales (official linear guidance).
+        noise: the full-resolution initial noise of the new units [B,C,T,h,w] (one draw, as official).
+        history: clean latents [B,C,k,h,w] the new units continue (an i2v start frame is k = 1: units
+        1..T are then generated from noise frames 0..T-1, the official offset); unit u >= 1 uses video
+        steps and guidance, so a continued run equals the same units of a full run.
+        text: the embeddings of every unit, or a function unit -> embeddings (a prompt schedule).
+        unit_guidance: per-unit guidance scales (indexed by absolute unit) overriding both scales.
+        history_frames: keep only the newest N frames as history (None: all, official); bounds the cost of
+        long videos.
         """
         do_cfg = guidance_scale > 0  # the first-frame scale switches CFG for the whole run
-        text_mask = HostTextMask.from_mask(text.attention_mask)  # the DiT reads it on the host: no device sync
+        if history_frames is not None and history_frames < 1:
+            raise ValueError(f"history_frames must be >= 1 (or None for the whole history), got {history_frames}")
+        texts = _UnitTexts(text)
         start_noise = stage0_noise(host_to_device(noise, self.device).to(self.dtype))
-        num_units = noise.shape[2]
-        first_unit = 0 if first_frame_latent is None else 1
-        generated = [] if first_frame_latent is None else [host_to_device(first_frame_latent, self.device).to(self.dtype)]
+        generated = [] if history is None else list(host_to_device(history, self.device).to(self.dtype).split(1, dim=2))
+        first_unit = len(generated)
+        num_units = first_unit + noise.shape[2]
         progress = _Progress(self, num_units, first_unit, first_frame_steps, video_steps)
         for unit in range(first_unit, num_units):
             progress.unit = unit
             if self.unit_start_callback is not None:
                 self.unit_start_callback(unit, num_units)
             is_first_frame = unit == 0
-            if first_frame_latent is None:
-                unit_noise = start_noise[:, :, unit : unit + 1]
+            kept = generated if history_frames is None else generated[-history_frames:]
+            if kept:
+                pyramid = clean_pyramid(torch.cat(kept, dim=2))
+                stage_history = [history_for_stage(pyramid, stage) for stage in range(NUM_STAGES)]
             else:
-                unit_noise = start_noise[:, :, unit - 1 : unit]
-            if generated:
-                pyramid = clean_pyramid(torch.cat(generated, dim=2))
-                history = [history_for_stage(pyramid, stage) for stage in range(NUM_STAGES)]
-            else:
-                history = [[] for _ in range(NUM_STAGES)]
+                stage_history = [[] for _ in range(NUM_STAGES)]
             if unit_guidance is not None:
                 scale = unit_guidance[unit]
             else:
                 scale = guidance_scale if is_first_frame else video_guidance_scale
             steps = first_frame_steps if is_first_frame else video_steps
-            stage_outputs = self.denoise_unit(unit_noise, history, text, steps, scale, do_cfg, progress, text_mask)
+            unit_text, text_mask = texts(unit)
+            unit_noise = start_noise[:, :, unit - first_unit : unit - first_unit + 1]
+            stage_outputs = self.denoise_unit(unit_noise, stage_history, unit_text, steps, scale, do_cfg, progress, text_mask)
             generated.append(stage_outputs[-1])
             if self.unit_callback is not None:
                 self.unit_callback(unit, num_units, stage_outputs[-1])
         return torch.cat(generated, dim=2)
+
+
+class _UnitTexts:
+    """The text embeddings of each unit and their host-side masks, each mask made once per embedding."""
+
+    def __init__(self, text: TextSource):
+        self.text = text
+        self.masks: dict[int, HostTextMask] = {}
+
+    def __call__(self, unit: int) -> tuple[TextEmbeddings, HostTextMask]:
+        embeddings = self.text(unit) if callable(self.text) else self.text
+        key = id(embeddings.attention_mask)
+        if key not in self.masks:
+            self.masks[key] = HostTextMask.from_mask(embeddings.attention_mask)  # read on the host: no device sync
+        return embeddings, self.masks[key]
 
 
 class _Progress:

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 __all__ = [
+    "ATTENTION_CHOICES",
     "ATTENTION_KERNELS",
     "ATTENTION_MODES",
     "COMPUTE_DTYPES",
@@ -198,8 +199,10 @@ PLAN_HELP: Mapping[str, str] = MappingProxyType({
     "sequential": "every layer streamed (the least memory, the slowest)",
     "auto": "the fastest plan that fits the memory budget",
 })
-ATTENTION_MODES = ("segmented", "masked")  # frame-causal attention: per-frame pieces, or one masked call
+# frame-causal attention: per-frame pieces (default), the official dense mask, or one FlexAttention call (torch >= 2.5)
+ATTENTION_MODES = ("segmented", "masked", "flex")
 ATTENTION_KERNELS = ("sdpa", "sage", "flash")  # kernels of the segmented path (sage/flash: their pip package)
+ATTENTION_CHOICES = (*ATTENTION_KERNELS, "flex")  # the CLI's --attention: a segmented-path kernel, or flex
 
 # --------------------------------------------------------------------------------------------
 # outputs and generation defaults

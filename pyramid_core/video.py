@@ -19,9 +19,12 @@ import numpy as np
 import torch
 
 from . import settings
-from .outputs import WriteError, check_writable, output_path, write_atomically
+from .outputs import WriteError, as_write_error, check_writable, output_path, publish, reserve_temp, write_atomically
 
-__all__ = ["VIDEO_FORMATS", "FrameSource", "WriteError", "check_writable", "write_image", "write_video"]
+__all__ = [
+    "VIDEO_FORMATS", "FrameSource", "VideoSink", "WriteError", "check_writable", "read_video", "write_image",
+    "write_video",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,31 @@ def write_image(image: FrameArray, path: str | os.PathLike, overwrite: bool = Fa
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
+    """All frames of a video file as uint8 [F,H,W,3] (RGB), and its frame rate; `max_frames` stops early."""
+    import av
+
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"video not found: {source}")
+    try:
+        with av.open(str(source)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{source} holds no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or float(settings.FPS)
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except av.FFmpegError as exc:
+        raise ValueError(f"cannot read video {source}: {exc} (use an mp4, webm, webp or gif file)") from None
+    if not frames:
+        raise ValueError(f"{source} holds no frames")
+    return torch.from_numpy(np.stack(frames)), fps
 
 
 def _resolve_target(path: str | os.PathLike, format: str | None) -> tuple[Path, str]:
@@ -222,6 +250,46 @@ def _pyav_can_write(fmt: str) -> bool:
     return True
 
 
+class _PyavEncoder:
+    """One open PyAV container: `add` encodes frames as they come, `finish` flushes and writes the trailer."""
+
+    def __init__(self, path: Path, fmt: str, rate: Fraction, quality: int, shape: tuple[int, ...]):
+        import av
+
+        height, width = shape[0], shape[1]
+        options: dict[str, str] = {}
+        if fmt == "mp4":
+            options["movflags"] = "+faststart"  # index first: plays while downloading
+            height, width = height + height % 2, width + width % 2
+        elif fmt in ("webp", "gif"):
+            options["loop"] = "0"  # loop forever, like an image preview
+        self.fmt, self.written = fmt, 0
+        self.container = av.open(str(path), mode="w", format=fmt, options=options)
+        try:
+            self.stream = self.container.add_stream(_PYAV_ENCODER[fmt], rate=rate)
+            self.stream.width, self.stream.height = width, height
+            self.to_frame = _frame_converter(fmt, self.stream, quality)
+        except BaseException:
+            self.abort()
+            raise
+
+    def add(self, frame: np.ndarray) -> None:
+        if self.fmt == "mp4":
+            frame = _pad_even(frame)
+        for packet in self.stream.encode(self.to_frame(frame)):
+            self.container.mux(packet)
+        self.written += 1
+
+    def finish(self) -> None:
+        for packet in self.stream.encode(None):
+            self.container.mux(packet)
+        self.container.close()  # writes the trailer: a full disk can show up here
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # keep the first error (or the interrupt), not a follow-up one
+            self.container.close()
+
+
 def _write_pyav(
     frames: Iterator[np.ndarray],
     path: Path,
@@ -231,37 +299,86 @@ def _write_pyav(
     shape: tuple[int, ...],
     callback: Callable[[int], None] | None,
 ) -> None:
-    import av
-
-    height, width = shape[0], shape[1]
-    container_options: dict[str, str] = {}
-    if fmt == "mp4":
-        container_options["movflags"] = "+faststart"  # index first: plays while downloading
-        height, width = height + height % 2, width + width % 2
-    elif fmt in ("webp", "gif"):
-        container_options["loop"] = "0"  # loop forever, like an image preview
-
-    container = av.open(str(path), mode="w", format=fmt, options=container_options)
+    encoder = _PyavEncoder(path, fmt, rate, quality, shape)
     try:
-        stream = container.add_stream(_PYAV_ENCODER[fmt], rate=rate)
-        stream.width, stream.height = width, height
-        to_frame = _frame_converter(fmt, stream, quality)
-        written = 0
         for frame in frames:
-            if fmt == "mp4":
-                frame = _pad_even(frame)
-            for packet in stream.encode(to_frame(frame)):
-                container.mux(packet)
-            written += 1
+            encoder.add(frame)
             if callback is not None:
-                callback(written)
-        for packet in stream.encode(None):
-            container.mux(packet)
+                callback(encoder.written)
     except BaseException:
-        with contextlib.suppress(Exception):  # keep the first error (or the interrupt), not a follow-up one
-            container.close()
+        encoder.abort()
         raise
-    container.close()  # writes the trailer: a full disk can show up here
+    encoder.finish()
+
+
+def _reraise(target: Path, exc: BaseException) -> None:
+    error = as_write_error(target, exc, what="video")
+    if error is exc:
+        raise exc
+    raise error from exc
+
+
+class VideoSink:
+    """A video written while its frames are still being made: `add` appends frames (uint8 [f,H,W,3] or
+    [H,W,3]), `close` publishes the file (never overwriting: a numbered sibling) and returns its path; any
+    failure or `abort` leaves no file. Use as a context manager: an exception inside aborts.
+
+    Needs a PyAV encoder for the format (mp4 and webm always; webp/gif where PyAV has them).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fps: float = 24, format: str | None = None, quality: int = 80,
+                 overwrite: bool = False):
+        self.target, self.fmt = _resolve_target(path, format)
+        if not _pyav_can_write(self.fmt):
+            raise ValueError(f"writing {self.fmt} while generating needs PyAV's {_PYAV_ENCODER[self.fmt]} encoder, "
+                             "which this install lacks; write mp4 or webm")
+        self.rate, self.quality, self.overwrite = _frame_rate(fps), int(quality), overwrite
+        try:
+            self.tmp = reserve_temp(self.target)
+        except OSError as exc:
+            raise WriteError.from_exception(self.target, exc, what="video") from exc
+        self.encoder: _PyavEncoder | None = None
+
+    def add(self, frames: FrameSource) -> None:
+        try:
+            for frame in _frames(frames):
+                if self.encoder is None:
+                    self.encoder = _PyavEncoder(self.tmp, self.fmt, self.rate, self.quality, frame.shape)
+                self.encoder.add(frame)
+        except BaseException as exc:
+            self.abort()
+            _reraise(self.target, exc)
+
+    @property
+    def written(self) -> int:
+        return self.encoder.written if self.encoder is not None else 0
+
+    def close(self) -> Path:
+        """Finish the file and publish it; returns the path written."""
+        if self.encoder is None:
+            self.abort()
+            raise ValueError("no frames to write: nothing was added")
+        try:
+            self.encoder.finish()
+            return publish(self.tmp, self.target, self.overwrite)
+        except BaseException as exc:
+            self.abort()
+            _reraise(self.target, exc)
+
+    def abort(self) -> None:
+        """Stop and remove the unfinished file."""
+        if self.encoder is not None:
+            self.encoder.abort()
+            self.encoder = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoSink:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.abort()
 
 
 def _frame_converter(fmt: str, stream, quality: int) -> Callable[[np.ndarray], object]:

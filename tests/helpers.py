@@ -36,3 +36,28 @@ def make_base(root: Path) -> Path:
     gradient = np.linspace(0, 255, 96 * 80 * 3).reshape(80, 96, 3).astype(np.uint8)  # 96x80: exercises cover-crop
     Image.fromarray(gradient).save(root / "input" / "example.png")
     return root
+
+
+def run_cli(argv: list) -> tuple[int, str]:
+    """`python -m pyramid_core ARGV` in-process: (exit status, what it printed to its log)."""
+    import io
+
+    from pyramid_core import cli
+
+    log = io.StringIO()
+    return cli.main([str(a) for a in argv], log=log), log.getvalue()
+
+
+def record_written_frames(monkeypatch) -> list:
+    """Keep (a clone of) the frames every `video.write_video` call receives, then write them as usual."""
+    from pyramid_core import video
+
+    written: list = []
+    original = video.write_video
+
+    def write(frames, *args, **kwargs):
+        written.append(frames.clone())
+        return original(frames, *args, **kwargs)
+
+    monkeypatch.setattr(video, "write_video", write)
+    return written

@@ -4,7 +4,6 @@ The generate runs reproduce the official fixture runs through the command line (
 patched to the fixture's generator and global seeds): the frames handed to the video writer must match the
 official frames, and the decoded file must match the official frames put through the same mp4 encoding.
 """
-import io
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pyramid_core.demo import build_tiny_model
 from pyramid_core.pipeline import RandomStreams
 from pyramid_core.validation import frames_for_temp, temp_for_duration
 from pyramid_core import video
+from tests.helpers import record_written_frames, run_cli
 from tests.reference import assert_frames_match, model_dir, tensors
 
 PROMPT = "a cat walking on the beach at sunset"
@@ -59,23 +59,6 @@ def use_official_streams(monkeypatch, noise_seed: int, global_seed: int) -> None
 WRITE_VIDEO = video.write_video
 
 
-def record_written_frames(monkeypatch) -> list[torch.Tensor]:
-    """Keep the frames the command line hands to write_video."""
-    written: list[torch.Tensor] = []
-
-    def write(frames, *args, **kwargs):
-        written.append(frames.clone())
-        return WRITE_VIDEO(frames, *args, **kwargs)
-
-    monkeypatch.setattr(video, "write_video", write)
-    return written
-
-
-def run(argv: list[str]) -> tuple[int, str]:
-    log = io.StringIO()
-    return cli.main([str(a) for a in argv], log=log), log.getvalue()
-
-
 def mean_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected.double()).abs().mean().item()
 
@@ -86,7 +69,7 @@ def mean_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_generate_t2v_writes_the_official_video(tmp_path, monkeypatch):
     use_official_streams(monkeypatch, noise_seed=1234, global_seed=4321)
     written = record_written_frames(monkeypatch)
-    code, log = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--steps", "2,2,2", *FIXTURE_RUN,
+    code, log = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, "--steps", "2,2,2", *FIXTURE_RUN,
                      "--out", tmp_path / "t2v.mp4"])
     assert code == 0
     frames, fps = decode(tmp_path / "t2v.mp4")
@@ -103,7 +86,7 @@ def test_generate_i2v_from_image_file(tmp_path, monkeypatch):
     Image.fromarray(expected["input_image"].numpy()).save(tmp_path / "start.png")
     use_official_streams(monkeypatch, noise_seed=2345, global_seed=5432)
     written = record_written_frames(monkeypatch)
-    code, log = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--image", tmp_path / "start.png", *FIXTURE_RUN,
+    code, log = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, "--image", tmp_path / "start.png", *FIXTURE_RUN,
                      "--out", tmp_path / "i2v.mp4"])
     assert code == 0 and "image-to-video" in log
     frames, fps = decode(tmp_path / "i2v.mp4")
@@ -115,7 +98,7 @@ def test_generate_i2v_from_image_file(tmp_path, monkeypatch):
 def test_still_image_goes_to_png_without_overwriting(tmp_path):
     existing = tmp_path / "still.png"
     existing.write_bytes(b"keep me")
-    code, log = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--width", "64", "--height", "64", "--temp", "1",
+    code, log = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, "--width", "64", "--height", "64", "--temp", "1",
                      "--steps", "1", "--dtype", "fp32", "--device", "cpu", "--seed", "1", "--out", existing])
     assert code == 0 and "text-to-image" in log and "1 image" in log
     assert existing.read_bytes() == b"keep me"
@@ -166,14 +149,17 @@ def test_variant_defaults(tmp_path):
     ],
 )
 def test_bad_input_exits_2_with_one_message(tmp_path, capsys, argv, message):
-    code, _ = run(["generate", "--prompt", PROMPT, *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    code, _ = run_cli(["generate", "--prompt", PROMPT, *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not any(p.suffix == ".mp4" for p in tmp_path.iterdir())
 
 
-def test_cpu_runs_default_to_fp32_and_an_explicit_dtype_wins():
+def test_cpu_runs_default_to_fp32_and_an_explicit_dtype_wins(monkeypatch):
+    from pyramid_core import devices
+
+    monkeypatch.setattr(devices, "cpu_bf16_feature", lambda flags=None: None)  # a CPU without native bf16
     cpu = resolve(["--model", MODEL, "--device", "cpu", "--out", "x.mp4"])
     assert cpu.dtype == torch.float32 and "CPU default" in cpu.dtype_note and "--dtype bf16" in cpu.dtype_note
     for name in settings.COMPUTE_DTYPES:
@@ -198,7 +184,7 @@ def _refuse_loading(monkeypatch) -> None:
 @pytest.mark.parametrize("model", [MODEL, "{tmp}/no_such_model"])
 def test_compile_with_sequential_offload_is_refused_up_front(tmp_path, monkeypatch, capsys, model):
     _refuse_loading(monkeypatch)
-    code, log = run(["generate", "--model", model.replace("{tmp}", str(tmp_path)), "--prompt", PROMPT, "--compile",
+    code, log = run_cli(["generate", "--model", model.replace("{tmp}", str(tmp_path)), "--prompt", PROMPT, "--compile",
                      "--offload", "sequential", "--out", tmp_path / "x.mp4"])
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE and log == "" and "Traceback" not in err
@@ -217,7 +203,7 @@ def test_compile_flag_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
         raise cli.UsageError("stopped after recording the pipeline settings")
 
     monkeypatch.setattr(pipeline.PyramidFlowPipeline, "from_pretrained", classmethod(stop))
-    code, log = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--compile", "--offload", "block_swap",
+    code, log = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, "--compile", "--offload", "block_swap",
                      "--device", "cpu", "--out", tmp_path / "x.mp4"])
     assert code == cli.EXIT_USAGE and "stopped after recording" in capsys.readouterr().err
     assert calls[0]["compile_blocks"] is True and calls[0]["offload"] == "block_swap"
@@ -242,7 +228,7 @@ def test_ctrl_c_leaves_no_file(tmp_path, monkeypatch, capsys, where):
     monkeypatch.setattr(target, "__call__", interrupt_at(3))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    code, _ = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--width", "64", "--height", "64", "--temp", "2",
+    code, _ = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, "--width", "64", "--height", "64", "--temp", "2",
                    "--steps", "1", "--video-steps", "1", "--device", "cpu", "--out", out_dir / "clip.mp4"])
     assert code == cli.EXIT_CANCELLED and "cancelled" in capsys.readouterr().err
     assert list(out_dir.iterdir()) == []  # neither the video nor its .partial temporary file
@@ -254,7 +240,7 @@ def test_ctrl_c_leaves_no_file(tmp_path, monkeypatch, capsys, where):
 @pytest.mark.parametrize("family", ["flux", "mmdit"])
 def test_demo_writes_a_video_quickly(tmp_path, family):
     started = time.perf_counter()
-    code, log = run(["demo", "--family", family, "--keep", tmp_path / "model", "--out", tmp_path / "demo.mp4"])
+    code, log = run_cli(["demo", "--family", family, "--keep", tmp_path / "model", "--out", tmp_path / "demo.mp4"])
     seconds = time.perf_counter() - started
     assert code == 0 and seconds < 60
     assert log.count(cli.DEMO_NOTICE) == 2 and "output is noise" in cli.DEMO_NOTICE
@@ -304,9 +290,9 @@ def test_precision_and_attention_flags_reach_the_model(tmp_path, monkeypatch, ca
     out = tmp_path / "fp8.mp4"
     status = main(["generate", "--model", str(model_dir("miniflux_tiny")), "--prompt", "a cat", "--width", "64",
                    "--height", "64", "--temp", "2", "--steps", "1", "--video-steps", "1", "--seed", "1",
-                   "--device", "cpu", "--fp8", "row", "--out", str(out)])
+                   "--device", "cpu", "--fp8", "row", "--attention", "flex", "--out", str(out)])
     assert status == 0 and out.exists()
-    assert has_fp8_weights(built[0].dit) and built[0].dit.attention_backend == "sdpa"
+    assert has_fp8_weights(built[0].dit) and (built[0].dit.attention_mode, built[0].dit.attention_backend) == ("flex", "sdpa")
     monkeypatch.setitem(__import__("sys").modules, "sageattention", None)
     status = main(["generate", "--model", str(model_dir("miniflux_tiny")), "--prompt", "a cat", "--width", "64",
                    "--height", "64", "--temp", "2", "--device", "cpu", "--attention", "sage",

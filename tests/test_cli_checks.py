@@ -4,7 +4,6 @@ loads (exit 2, one `error:` line naming the fix), a failed write keeps the laten
 from __future__ import annotations
 
 import errno
-import io
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import torch
 from pyramid_core import cli, outputs, settings, video
 from pyramid_core.latents_file import load_latents
 from pyramid_core.loading import load_dit, load_vae, save_single_file
+from tests.helpers import record_written_frames, run_cli
 from tests.reference import model_dir
 
 PROMPT = "a cat"
@@ -24,11 +24,6 @@ MODEL = str(model_dir("miniflux_tiny"))
 SMALL = ["--width", "64", "--height", "64", "--temp", "2", "--steps", "1", "--video-steps", "1", "--dtype", "fp32",
          "--device", "cpu", "--seed", "3", "--quiet"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(argv: list) -> tuple[int, str]:
-    log = io.StringIO()
-    return cli.main([str(a) for a in argv], log=log), log.getvalue()
 
 
 def refuse_loading(monkeypatch) -> None:
@@ -40,18 +35,6 @@ def refuse_loading(monkeypatch) -> None:
     for name in ("load_dit", "load_vae", "load_components"):
         monkeypatch.setattr(loading, name, loaded)
     monkeypatch.setattr(pipeline.PyramidFlowPipeline, "from_pretrained", classmethod(loaded))
-
-
-def record_frames(monkeypatch) -> list[torch.Tensor]:
-    written: list[torch.Tensor] = []
-    original = video.write_video
-
-    def write(frames, *args, **kwargs):
-        written.append(frames.clone())
-        return original(frames, *args, **kwargs)
-
-    monkeypatch.setattr(video, "write_video", write)
-    return written
 
 
 # ---------------------------------------------------------------------------------------------- refused up front
@@ -82,7 +65,7 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize("argv, message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
 def test_bad_settings_are_refused_before_loading(tmp_path, monkeypatch, capsys, argv, message):
     refuse_loading(monkeypatch)
-    code, log = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--out", tmp_path / "x.mp4", *argv])
+    code, log = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, "--out", tmp_path / "x.mp4", *argv])
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE and log == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
@@ -92,7 +75,7 @@ def test_bad_settings_are_refused_before_loading(tmp_path, monkeypatch, capsys, 
 def test_cuda_without_a_gpu_is_refused(tmp_path, monkeypatch, capsys):
     refuse_loading(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code, _ = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--device", "cuda", "--out", tmp_path / "x.mp4"])
+    code, _ = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, "--device", "cuda", "--out", tmp_path / "x.mp4"])
     assert code == cli.EXIT_USAGE and "PyTorch sees no CUDA GPU here; use cpu" in capsys.readouterr().err
 
 
@@ -122,7 +105,7 @@ def test_an_unusable_output_folder_is_refused_up_front(tmp_path, monkeypatch, ca
         monkeypatch.setattr(outputs, "_reserve_temp", refuse)
     elif failure == "parent_is_a_file":
         out.parent.write_text("a file")
-    code, _ = run(["generate", "--model", MODEL, "--prompt", PROMPT, "--out", out])
+    code, _ = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, "--out", out])
     err = capsys.readouterr().err
     expected = {"unwritable": "permission denied; choose a folder you can write to",
                 "parent_is_a_file": "is a file, not a folder", "missing": "output folder does not exist"}[failure]
@@ -131,7 +114,7 @@ def test_an_unusable_output_folder_is_refused_up_front(tmp_path, monkeypatch, ca
 
 def test_single_dit_file_without_vae_names_the_missing_flags(tmp_path, capsys):
     dit = save_single_file(load_dit(MODEL, dtype=torch.float32), tmp_path / "dit.safetensors")
-    code, _ = run(["generate", "--model", dit, "--prompt", PROMPT, "--out", tmp_path / "x.mp4"])
+    code, _ = run_cli(["generate", "--model", dit, "--prompt", PROMPT, "--out", tmp_path / "x.mp4"])
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE and "add --vae FILE and --text-encoders FOLDER" in err
 
@@ -142,9 +125,9 @@ def test_traceback_switch_only_turns_on_for_1_or_true(tmp_path, monkeypatch, cap
     argv = ["generate", "--model", MODEL, "--prompt", PROMPT, "--guidance", "-1", "--out", tmp_path / "x.mp4"]
     if shows_stack:
         with pytest.raises(ValueError, match="--guidance"):
-            run(argv)
+            run_cli(argv)
     else:
-        assert run(argv)[0] == cli.EXIT_USAGE and capsys.readouterr().err.startswith("error: --guidance")
+        assert run_cli(argv)[0] == cli.EXIT_USAGE and capsys.readouterr().err.startswith("error: --guidance")
 
 
 # ---------------------------------------------------------------------------------------------- fast startup
@@ -173,9 +156,9 @@ def test_help_version_and_argument_errors_do_not_import_torch():
 
 
 def test_a_failed_write_keeps_the_latents_and_decode_writes_them_later(tmp_path, monkeypatch, capsys):
-    written = record_frames(monkeypatch)
+    written = record_written_frames(monkeypatch)
     recorder = video.write_video
-    assert run(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", tmp_path / "reference.mp4"])[0] == 0
+    assert run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", tmp_path / "reference.mp4"])[0] == 0
 
     def disk_full(frames, path, **kwargs):
         raise outputs.WriteError(path, "no space left on device", "free some space or choose another output folder",
@@ -183,7 +166,7 @@ def test_a_failed_write_keeps_the_latents_and_decode_writes_them_later(tmp_path,
 
     monkeypatch.setattr(video, "write_video", disk_full)
     out = tmp_path / "clip.mp4"
-    code, _ = run(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", out])
+    code, _ = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", out])
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE and err.count("\n") == 1 and "no space left on device" in err
     kept = tmp_path / "clip.safetensors"
@@ -193,7 +176,7 @@ def test_a_failed_write_keeps_the_latents_and_decode_writes_them_later(tmp_path,
     assert not out.exists()
 
     monkeypatch.setattr(video, "write_video", recorder)
-    code, log = run(["decode", kept, "--out", out, "--device", "cpu", "--dtype", "fp32", "--quiet"])
+    code, log = run_cli(["decode", kept, "--out", out, "--device", "cpu", "--dtype", "fp32", "--quiet"])
     assert code == 0 and f"wrote {out}" in log and out.is_file()
     assert len(written) == 2 and torch.equal(written[1], written[0])  # the video the failed run would have written
 
@@ -210,7 +193,7 @@ def test_a_stop_signal_while_writing_leaves_no_file(tmp_path, monkeypatch, capsy
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     argv = [a for a in SMALL if a != "--quiet"]
-    code, _ = run(["generate", "--model", MODEL, "--prompt", PROMPT, *argv, "--out", out_dir / "clip.mp4"])
+    code, _ = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, *argv, "--out", out_dir / "clip.mp4"])
     assert code == cli.EXIT_CANCELLED and "cancelled" in capsys.readouterr().err
     assert list(out_dir.iterdir()) == []
     assert signal.getsignal(getattr(signal, stop)) == signal.SIG_DFL  # the handler is put back
@@ -220,22 +203,22 @@ def test_a_stop_signal_while_writing_leaves_no_file(tmp_path, monkeypatch, capsy
 
 
 def test_single_files_generate_the_same_video_as_the_folder(tmp_path, monkeypatch):
-    written = record_frames(monkeypatch)
-    assert run(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", tmp_path / "folder.mp4"])[0] == 0
+    written = record_written_frames(monkeypatch)
+    assert run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", tmp_path / "folder.mp4"])[0] == 0
     dit = save_single_file(load_dit(MODEL, dtype=torch.float32), tmp_path / "dit.safetensors")
     vae = save_single_file(load_vae(MODEL, dtype=torch.float32), tmp_path / "vae.safetensors")
-    code, _ = run(["generate", "--model", dit, "--vae", vae, "--text-encoders", MODEL, "--prompt", PROMPT, *SMALL,
+    code, _ = run_cli(["generate", "--model", dit, "--vae", vae, "--text-encoders", MODEL, "--prompt", PROMPT, *SMALL,
                    "--out", tmp_path / "files.mp4"])
     assert code == 0 and torch.equal(written[0], written[1])
 
 
 def test_models_lists_what_a_folder_and_a_file_hold(tmp_path):
-    code, log = run(["models", MODEL])
+    code, log = run_cli(["models", MODEL])
     assert code == 0
     assert f"{MODEL}: miniFLUX (flux), official layout" in log
     assert "DiT diffusion_transformer_384p:" in log and "VAE:" in log and "text_encoder_2:" in log
     dit = save_single_file(load_dit(MODEL, dtype=torch.bfloat16), tmp_path / "dit.safetensors")
-    code, log = run(["models", dit])
+    code, log = run_cli(["models", dit])
     assert code == 0 and "miniFLUX DiT" in log and "bfloat16" in log and "GiB" in log
 
 
@@ -248,7 +231,8 @@ def test_cli_choices_node_widgets_and_settings_agree():
     assert tuple(choices["dtype"]) == settings.COMPUTE_DTYPES
     assert tuple(choices["offload"]) == settings.PLANS
     assert tuple(choices["fp8"]) == settings.FP8_GRANULARITIES
-    assert tuple(choices["attention"]) == settings.ATTENTION_KERNELS
+    assert tuple(choices["attention"]) == settings.ATTENTION_CHOICES
+    assert set(settings.ATTENTION_CHOICES) - set(settings.ATTENTION_KERNELS) <= set(settings.ATTENTION_MODES)
     assert tuple(choices["format"]) == settings.VIDEO_FORMATS == video.VIDEO_FORMATS
     widgets = loaders.PyramidFlowCoreModelLoader.INPUT_TYPES()["required"]
     assert widgets["variant"][0] == [v.alias for v in settings.VARIANTS.values()]
@@ -266,13 +250,13 @@ def test_cli_choices_node_widgets_and_settings_agree():
 def test_every_phase_reports_and_auto_shows_its_plan(tmp_path, capsys):
     long_prompt = " ".join(["a cat walking on the beach at sunset"] * 30)  # far over T5's 128 tokens
     argv = [a for a in SMALL if a != "--quiet"]
-    code, log = run(["generate", "--model", MODEL, "--prompt", long_prompt, *argv, "--offload", "auto",
+    code, log = run_cli(["generate", "--model", MODEL, "--prompt", long_prompt, *argv, "--offload", "auto",
                      "--out", tmp_path / "x.mp4"])
     err = capsys.readouterr().err
     assert code == 0
     assert "memory plan 'auto'" in log and "estimated peak" in log and "encoding the prompt" in log
     assert err.count("warning: prompt is") == 1 and "T5 tokens; the last" in err
     assert all(phase in err for phase in ("frame 2/2 stage 3/3", "decoding", "writing"))
-    code, log = run(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", tmp_path / "y.mp4"])
+    code, log = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", tmp_path / "y.mp4"])
     assert code == 0 and "memory plan" not in log and "encoding the prompt" not in log
     assert capsys.readouterr().err == "" and log.startswith("wrote ")  # --quiet: the summary only

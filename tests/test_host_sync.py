@@ -7,7 +7,8 @@ asserts no device-to-host read, no float64 tensor on the execution device (MPS h
 asynchronous host-to-device copies, a fixed number per step:
   * 1 per DiT forward: the RoPE table (cos and sin stacked in one tensor, built on the host from shapes);
   * 1 at the first step of stages 1 and 2: that stage jump's block noise (drawn on the CPU, as official);
-  * 1 more per DiT forward in the 'masked' reference mode: the token ids the dense mask is built from.
+  * 1 more per DiT forward in the 'masked' reference mode: the token ids the dense mask is built from; in the
+    'flex' mode: the block-mask tables and per-token ids, packed into one tensor.
 Outside the step loop: the i2v first-frame latent (once per generation). Index tensors of a scattered
 text mask (not a prefix of ones) are copied once per generation, at the first forward.
 
@@ -24,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import pyramid_core.models.attention as attention
 import pyramid_core.sampling as sampling
 from pyramid_core import PyramidFlowPipeline
 from pyramid_core.loading import load_dit
@@ -32,6 +34,7 @@ from pyramid_core.models.attention import HostTextMask, TokenLayout, masked_atte
 from pyramid_core.models.dit import configure_dit
 from pyramid_core.models.layers import clip_positions, frame_token_counts
 from pyramid_core.sampling import PyramidSampler, StepInfo, history_for_stage, history_levels
+from pyramid_core.settings import ATTENTION_MODES
 from pyramid_core.scheduler import PyramidFlowScheduler, euler_step, model_timestep
 from pyramid_core.text import TextEmbeddings
 from tests.reference import model_dir
@@ -141,6 +144,14 @@ def meta_pipeline(model: str, dtype: torch.dtype, mode: str) -> PyramidFlowPipel
     return PyramidFlowPipeline(dit, None, None, loaded.family, loaded.variant, dtype, memory)
 
 
+def meta_flex_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """Stands in for flex_attention on `meta` (which it refuses): checks the block mask, returns q's shape."""
+    blocks = -(-q.shape[2] // block_mask.BLOCK_SIZE[0])
+    assert block_mask.kv_indices.device == q.device and block_mask.kv_indices.shape == (q.shape[0], 1, blocks, blocks)
+    assert block_mask.kv_indices.dtype == torch.int32 and block_mask.shape[-2:] == (q.shape[2], k.shape[2])
+    return torch.empty_like(q)
+
+
 def cfg_text(dit, lengths=(23, 9)) -> TextEmbeddings:
     """[negative, positive] with unequal prompt lengths: two sample groups in every attention call."""
     width, pooled = dit.context_embedder.in_features, dit.time_text_embed.text_embedder.linear_1.in_features
@@ -161,7 +172,7 @@ def run(pipe: PyramidFlowPipeline, kind: str, guard: TransferGuard, text: TextEm
 
 
 def expected_copies(info: StepInfo, mode: str) -> list[str]:
-    kinds = ["rope"] + (["token ids"] if mode == "masked" else [])
+    kinds = ["rope"] + (["token ids"] if mode in ("masked", "flex") else [])
     if info.stage > 0 and info.step == 0:
         kinds.append("latent")  # the stage jump's block noise
     return sorted(kinds)
@@ -170,10 +181,12 @@ def expected_copies(info: StepInfo, mode: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ the guard
 
 
-@pytest.mark.parametrize("mode", ["segmented", "masked"])
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
 @pytest.mark.parametrize("model", MODELS)
 def test_step_loop_never_waits_for_the_device(monkeypatch, model, kind, mode):
+    if mode == "flex":  # FlexAttention refuses meta tensors: the block mask is built and copied, the kernel stubbed
+        monkeypatch.setattr(attention, "_flex_function", lambda compiled: meta_flex_kernel)
     pipe = meta_pipeline(model, torch.float32, mode)
     guard = TransferGuard()
     guard_sampling(monkeypatch, guard)

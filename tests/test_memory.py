@@ -6,10 +6,12 @@ on a read before the copy's event was waited on, an overwrite before compute rel
 read from host memory, or more live slots than `prefetch`), which also measures the device bytes and the
 pinned host bytes. Placement is also checked on a second real device, `meta` (a CPU weight meeting a meta
 activation raises), where block swap must hold at most K + prefetch blocks and sequential only the running
-modules' weights; the plan chooser on real-size shapes; OOM recovery; bad input. Real CUDA streams, events
-and pinned memory only run in bench/gpu_check.py.
+modules' weights; the plan chooser on real-size shapes; OOM recovery; bad input; on a real CPU device every
+plan runs as 'none' (no host-to-host copies) with one note. Real CUDA streams, events and pinned memory only
+run in bench/gpu_check.py.
 """
 import re
+import warnings
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from pyramid_core.loading import load_dit
 from pyramid_core.memory import (
     GiB,
     DeviceOutOfMemoryError,
+    DirectCopies,
     MemoryManager,
     SimulatedStreams,
     StreamOrderError,
@@ -489,7 +492,7 @@ def test_a_budget_below_the_floor_names_the_smallest_workable_one(full_size):
     assert 1.5 < named < 2.5
     assert named * GiB >= minimum_budget(demands)
     assert plan_memory("auto", demands, int(named * GiB), workload).chosen == "sequential"
-    manager = MemoryManager("auto", device="cpu", budget_gb=0.01)
+    manager = MemoryManager("auto", device="meta", offload_device="cpu", budget_gb=0.01)
     manager.register("dit", load_dit(model_dir("sd3_tiny"), "diffusion_transformer_384p", dtype=torch.float32).model)
     with pytest.raises(ValueError, match=r"a budget of 10\.2 MiB .* with the 0\.75 GiB safety margin; pass budget_gb >= 0\.8"):
         manager.prepare(1280, 768, 16)
@@ -520,10 +523,7 @@ def explode_on_call(module, call):
 
 def test_device_oom_while_sampling_is_reported_once_and_leaves_models_usable():
     plan = "block_swap"
-    pipe = PyramidFlowPipeline.from_pretrained(
-        model_dir("miniflux_tiny"), dtype=torch.float32, device="cpu", offload=plan,
-        resident_blocks=1, prefetch=1, budget_gb=0.02,
-    )
+    pipe = simulated_pipeline("miniflux_tiny", plan, SimulatedStreams(), resident_blocks=1, prefetch=1, budget_gb=0.02)
     pipe.memory.register("vae", None)
     pipe.memory.margin_gb = 0
     kwargs = dict(prompt=PROMPT, height=64, width=64, temp=2, num_inference_steps=[1, 1, 1],
@@ -559,7 +559,7 @@ def test_device_oom_puts_every_weight_back_on_the_host(plan):
 
 
 def test_oom_guard_converts_once_and_lets_other_errors_through():
-    memory = MemoryManager("model", device="cpu")
+    memory = MemoryManager("model", device="meta", offload_device="cpu")
     with pytest.raises(DeviceOutOfMemoryError) as info:
         with memory.oom_guard("outer"):
             with memory.oom_guard("inner"):
@@ -586,7 +586,7 @@ def test_bad_settings_get_clear_errors(kwargs, match):
 
 
 def test_an_explicit_plan_over_its_budget_warns_and_still_runs():
-    memory = MemoryManager("none", device="cpu", budget_gb=0.001, margin_gb=0)
+    memory = MemoryManager("none", device="meta", offload_device="cpu", budget_gb=0.001, margin_gb=0)
     memory.register("dit", ToyDiT())
     with pytest.warns(UserWarning, match=r"offload='none' needs about .* more than the 1\.0 MiB budget; offload='auto'"):
         plan = memory.prepare(64, 64, 2)
@@ -594,9 +594,69 @@ def test_an_explicit_plan_over_its_budget_warns_and_still_runs():
 
 
 def test_unknown_component_and_vae_fallbacks():
-    memory = MemoryManager("block_swap", device="cpu")
+    memory = MemoryManager("block_swap", device="meta", offload_device="cpu")
     with pytest.raises(KeyError, match="no component 'dit' registered"):
         with memory.use("dit"):
             pass
     memory.register("vae", nn.Sequential(nn.Linear(2, 2)))  # no transformer blocks: moves whole
     assert memory.placement("vae") == "model"
+
+
+# ------------------------------------------------------------------------------------------ a CPU device
+
+
+def run_toy(memory, toy, x, uses=2):
+    """Register, prepare and run a toy DiT `uses` times, then offload; returns the last output."""
+    memory.register("dit", toy)
+    memory.prepare(64, 64, 2, dtype=torch.float32)
+    for _ in range(uses):
+        with memory.use("dit") as dit:
+            out = dit(x)
+    memory.offload_all()
+    return out
+
+
+@pytest.mark.parametrize("plan", ["model", "block_swap", "sequential", "auto"])
+def test_every_plan_on_a_cpu_device_runs_as_none_with_one_note(plan):
+    x = torch.randn(2, 8)
+    reference_toy = ToyDiT()
+    reference = MemoryManager("none", device="cpu")
+    expected = run_toy(reference, reference_toy, x)
+    toy = ToyDiT()
+    toy.load_state_dict(reference_toy.state_dict())
+    ptrs = tensor_ptrs(toy)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        memory = MemoryManager(plan, device="cpu", resident_blocks=1, prefetch=1, budget_gb=0.001, margin_gb=0)
+        out = run_toy(memory, toy, x)
+        assert memory.estimate().chosen == "none"
+
+    assert [str(w.message) for w in record] == [
+        f"offload plans have no effect on a CPU device (its weights already live in host memory); "
+        f"running as 'none' instead of '{plan}'"
+    ], "one note, and no budget warning or floor error: a budget means nothing without device memory"
+    assert (memory.requested_plan, memory.plan, memory.placement("dit")) == (plan, "none", "none")
+    made = memory.last_plan
+    assert (made.name, made.chosen, made.components["dit"].placement) == (plan, "none", "none")
+    assert made.describe().startswith(f"memory plan '{plan}' -> 'none' for 64x64")
+    assert tensor_ptrs(toy) == ptrs, "no weight was copied"
+    assert memory.stats == reference.stats  # the same transfers, slots, pins and peaks as plan 'none'
+    assert (memory.stats.slots_allocated, memory.stats.streamed_bytes, memory.stats.pinned_bytes) == (0, 0, 0)
+    assert all(len(b._forward_pre_hooks) == 0 for b in toy.blocks), "nothing streams"
+    assert torch.equal(out, expected)
+
+
+def test_a_given_backend_on_the_cpu_runs_the_plan_as_asked():
+    """Benches (`DirectCopies`) and the stream model (`SimulatedStreams`, above) model a device on the CPU."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no note for these, nor for plan 'none' on a CPU
+        MemoryManager("none", device="cpu")
+        memory = MemoryManager("block_swap", device="cpu", backend=DirectCopies(torch.device("cpu")),
+                               resident_blocks=1, prefetch=1)
+        toy = ToyDiT()
+        run_toy(memory, toy, torch.randn(2, 8))
+    assert memory.placement("dit") == "block_swap" and memory.last_plan.chosen == "block_swap"
+    blocks = toy.blocks
+    streamed = sum(t.numel() * t.element_size() for b in blocks[1:] for t in [*b.parameters(), *b.buffers()])
+    assert memory.stats.streamed_bytes >= streamed and memory.stats.loads > 2 * 3  # 3 blocks streamed per use

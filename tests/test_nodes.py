@@ -348,14 +348,14 @@ def test_bad_input_gets_errors_that_name_the_fix(comfy, base, tmp_path):
         load(choices[0])
 
 
-@pytest.mark.parametrize("precision, attention", [("fp8", "segmented"), ("fp16", "masked"), ("bf16", "segmented")])
+@pytest.mark.parametrize("precision, attention", [("fp8", "segmented"), ("fp16", "masked"), ("bf16", "flex")])
 def test_loader_precisions_and_attention_choices_run(comfy, precision, attention):
     from pyramid_core.precision import has_fp8_weights
 
     model, vae, text_encoder = M["PyramidFlowCoreModelLoader"]().load(
         "pyramid-flow-miniflux", "384p", precision, "none", 0.0, 0, attention)
     assert has_fp8_weights(model.dit.module) == (precision == "fp8")
-    assert model.dit.module.attention_mode == ("masked" if attention == "masked" else "segmented")
+    assert model.dit.module.attention_mode == attention
     latents = sample(model, encode(text_encoder), temp=2)["samples"]
     assert torch.isfinite(latents.float()).all()
     frames = M["PyramidFlowCoreVAEDecode"]().decode(vae, {"samples": latents}, "auto", "auto")[0]
@@ -366,3 +366,131 @@ def test_loader_names_a_missing_attention_library(comfy, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "sageattention", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install sageattention"):
         M["PyramidFlowCoreModelLoader"]().load("pyramid-flow-miniflux", "384p", "bf16", "none", 0.0, 0, "sage")
+
+
+# ------------------------------------------------------------- continuing a clip, prompt schedules
+
+ONE_STEP = "1, 1, 1"
+
+
+def sample_fast(model, cond, temp=2, seed=11, guidance=7.0, **extra):
+    """The sampler at 64x64 with one step per stage (continuations and schedules)."""
+    return M["PyramidFlowCoreSampler"]().sample(model, cond, 64, 64, temp, 0.0, ONE_STEP, ONE_STEP, guidance, 5.0, seed,
+                                                **extra)[0]
+
+
+def bare_pipeline(model):
+    from pyramid_core.pipeline import PyramidFlowPipeline
+
+    return PyramidFlowPipeline(model.dit.module, None, None, model.family, model.variant, model.dtype)
+
+
+def test_history_continues_a_clip_by_temp_frames_and_outputs_the_whole_clip(comfy):
+    import comfy.utils as utils
+    from nodes.managed import FAMILY_KEY
+
+    model, vae, text_encoder = load()
+    cond = encode(text_encoder)
+    first = sample_fast(model, cond)
+    utils.UPDATES.clear()
+    clip = sample_fast(model, cond, temp=1, seed=12, history=first)
+    assert clip[FAMILY_KEY] == "flux" and clip["samples"].shape == (1, 16, 3, 8, 8)
+    assert torch.equal(clip["samples"][:, :, :2], first["samples"]), "the history is output unchanged"
+    # the node is pipe.extend with the same settings: new units use video_steps and video guidance
+    expected = bare_pipeline(model).extend(first["samples"], prompt_embeds=cond.embeddings, temp=1,
+                                           num_inference_steps=[1, 1, 1], guidance_scale=7.0, video_guidance_scale=5.0,
+                                           seed=12)
+    assert torch.equal(clip["samples"], expected)
+    steps = [u for u in utils.UPDATES if not u[2]]
+    assert [u[:2] for u in steps] == [(1, 3), (2, 3), (3, 3)], "one bar over the new frame's steps only"
+    assert sum(u[2] for u in utils.UPDATES) == 1, "one preview per new latent frame"
+
+    (encoded,) = M["PyramidFlowCoreVAEEncode"]().encode(vae, torch.rand(9, 64, 64, 3))  # a video from VAE Encode
+    from_video = sample_fast(model, cond, temp=1, history=encoded)["samples"]
+    assert from_video.shape == (1, 16, 3, 8, 8) and torch.equal(from_video[:, :, :2], encoded["samples"])
+    capped = sample_fast(model, cond, temp=1, history=encoded, history_frames=1)["samples"]
+    assert torch.equal(capped, bare_pipeline(model).extend(
+        encoded["samples"], prompt_embeds=cond.embeddings, temp=1, num_inference_steps=[1, 1, 1], guidance_scale=7.0,
+        video_guidance_scale=5.0, seed=11, history_frames=1))
+    assert not torch.equal(capped[:, :, 2], from_video[:, :, 2]), "history_frames 0 is the whole history"
+
+
+def test_bad_history_input_names_what_to_connect(comfy):
+    from nodes.managed import FAMILY_KEY
+
+    model, _, text_encoder = load()
+    cond = encode(text_encoder)
+    clip = {"samples": torch.zeros(1, 16, 2, 8, 8), FAMILY_KEY: "flux"}
+    with pytest.raises(ValueError, match=r"history was made for SD3 \(pyramidflow_family='mmdit'\) but the model is "
+                                         r"miniFLUX: connect a latent from a miniFLUX sampler or VAE Encode"):
+        sample_fast(model, cond, history={**clip, FAMILY_KEY: "mmdit"})
+    with pytest.raises(ValueError, match="history is 96x64; set width to 96 and height to 64"):
+        sample_fast(model, cond, history={"samples": torch.zeros(1, 16, 2, 8, 12)})
+    for samples in (torch.zeros(1, 4, 2, 8, 8), torch.zeros(1, 16, 8, 8)):
+        with pytest.raises(ValueError, match=r"history must be a Pyramid Flow latent clip \[1,16,T,h,w\]: connect the "
+                                             r"samples of a Pyramid Flow Sampler or of Pyramid Flow VAE Encode"):
+            sample_fast(model, cond, history={"samples": samples})
+    with pytest.raises(ValueError, match="history holds a batch of 2 clips; connect one clip"):
+        sample_fast(model, cond, history={"samples": torch.zeros(2, 16, 2, 8, 8)})
+    for start in ({"start_latent": {"samples": torch.zeros(1, 16, 1, 8, 8)}}, {"start_image": torch.rand(1, 64, 64, 3)}):
+        with pytest.raises(ValueError, match="connect one of them: history continues a clip, start_image / start_latent"):
+            sample_fast(model, cond, history=clip, **start)
+    schedule = encode(text_encoder, prompt="0: a cat | 3: a dog")
+    with pytest.raises(ValueError, match="'3: a dog' starts at latent frame 3, but the video has 2 .*raise temp"):
+        sample_fast(model, schedule)
+    with pytest.raises(ValueError, match="history_frames must be an integer >= 0"):
+        sample_fast(model, cond, history=clip, history_frames=-1)
+    spec = M["PyramidFlowCoreSampler"].INPUT_TYPES()["optional"]
+    assert all(spec[name][1]["tooltip"] for name in ("history", "history_frames"))
+    assert spec["history_frames"][1]["default"] == 0
+
+
+def test_a_one_entry_schedule_gives_the_plain_prompts_latents_bit_for_bit(comfy):
+    model, _, text_encoder = load()
+    plain = encode(text_encoder, prompt="a cat")
+    scheduled = encode(text_encoder, prompt="0: a cat")
+    assert not plain.is_scheduled and scheduled.is_scheduled
+    assert callable(scheduled.for_units(2)), "the sampler takes the per-unit path"
+    assert torch.equal(scheduled.embeddings.prompt_embeds, plain.embeddings.prompt_embeds)
+    for guidance in (7.0, 0.0):
+        expected = sample_fast(model, plain, guidance=guidance)["samples"]
+        assert torch.equal(sample_fast(model, scheduled, guidance=guidance)["samples"], expected)
+
+
+def test_a_schedule_changes_the_prompt_at_its_frame_also_when_continuing(comfy):
+    model, _, text_encoder = load()
+    cat, dog = encode(text_encoder, prompt="a cat"), encode(text_encoder, prompt="a dog")
+    cond = encode(text_encoder, prompt="0: a cat | 2: a dog")
+    assert list(cond.scheduled) == [("a cat", DEFAULT_NEGATIVE_PROMPT), ("a dog", DEFAULT_NEGATIVE_PROMPT)]
+    assert torch.equal(cond.at(1).prompt_embeds, cat.embeddings.prompt_embeds)
+    assert torch.equal(cond.at(5).pooled, dog.embeddings.pooled)
+    plain = sample_fast(model, cat, temp=3)["samples"]
+    changed = sample_fast(model, cond, temp=3)["samples"]
+    assert torch.equal(changed[:, :, :2], plain[:, :, :2]) and not torch.equal(changed[:, :, 2], plain[:, :, 2])
+    # continuing: starts count from the clip's first frame, so frame 2 (the first new one) is the dog
+    history = {"samples": plain[:, :, :2]}
+    assert torch.equal(sample_fast(model, cond, temp=1, history=history)["samples"],
+                       sample_fast(model, dog, temp=1, history=history)["samples"])
+
+
+def test_schedules_through_a_comfyui_clip_and_in_the_negative_prompt(comfy):
+    from comfy.sd import CLIP
+
+    from nodes.managed import PyramidFlowConditioning
+    from pyramid_core.schedules import PromptSchedule
+
+    clip = CLIP(model_dir("miniflux_tiny"), "flux")
+    text = M["PyramidFlowCoreTextEncode"]()
+    (cond,) = text.encode("0: a cat | 4: a dog", "0: blurry | 2: dark", True, False, None, clip)
+    assert list(cond.scheduled) == [("a cat", "blurry"), ("a cat", "dark"), ("a dog", "dark")]
+    (alone,) = text.encode("a dog", "dark", True, False, None, clip)
+    assert torch.equal(cond.scheduled[("a dog", "dark")].prompt_embeds, alone.embeddings.prompt_embeds)
+    positive = cond.for_units(5, cfg=False)
+    assert positive(4).batch_size == 1 and positive(4) is positive(6)
+    assert torch.equal(positive(3).pooled, cond.scheduled[("a cat", "dark")].chunk_cfg()[1].pooled)
+    assert PyramidFlowConditioning.schedules("a cat: sleeping", "blurry") is None, "not the schedule form"
+    late_negative = PyramidFlowConditioning(None, "flux", PromptSchedule.parse("0: a"), PromptSchedule.parse("0: n | 2: b"))
+    with pytest.raises(ValueError, match="'2: b' starts at latent frame 2, but the video has 2"):
+        late_negative.for_units(2)
+    with pytest.raises(ValueError, match="prompt schedule entry 'b' is not '<latent frame>: <text>'"):
+        text.encode("0: a | b", "", True, False, None, clip)

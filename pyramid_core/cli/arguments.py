@@ -65,9 +65,17 @@ def _add_generate(commands) -> None:
     gen.add_argument("--vae", default=None, help="VAE file or folder (default: the one in the --model folder)")
     gen.add_argument("--text-encoders", default=None, metavar="FOLDER",
                      help="folder with the text encoders and tokenizers (an official model folder; default: --model)")
-    gen.add_argument("--prompt", required=True, help="what to generate")
+    gen.add_argument("--prompt", required=True,
+                     help="what to generate; a schedule changes it over time: '0: a cat sleeps | 8: the cat wakes up' "
+                     "(latent frame: text)")
     gen.add_argument("--negative-prompt", default=None, help="what to avoid (default: the official negative prompt)")
     gen.add_argument("--image", default=None, help="start image: image-to-video (scaled to cover, centre-cropped)")
+    gen.add_argument("--extend", default=None, metavar="CLIP",
+                     help="continue this clip: a video file, or a .safetensors latents file (--save-latents, or kept by a "
+                     "failed write); --temp/--duration is then the length added, and the output holds the whole clip")
+    gen.add_argument("--history-frames", type=int, default=None, metavar="N",
+                     help="keep only the newest N latent frames as history (long videos: cost per frame stops growing; "
+                     "default: all, as official)")
     gen.add_argument("--variant", default=VARIANTS[settings.DEFAULT_VARIANT].alias,
                      help=f"DiT variant: {variants}; default {VARIANTS[settings.DEFAULT_VARIANT].alias}")
     gen.add_argument("--width", type=int, default=None, help="pixels, a multiple of 64 (default: the variant's)")
@@ -89,8 +97,9 @@ def _add_generate(commands) -> None:
     gen.add_argument("--dtype", choices=settings.COMPUTE_DTYPES, default=None, help=DTYPE_HELP)
     gen.add_argument("--fp8", choices=settings.FP8_GRANULARITIES, default=None,
                      help="store the DiT's Linear weights in float8 with per-row or per-tensor scales (half the memory)")
-    gen.add_argument("--attention", choices=settings.ATTENTION_KERNELS, default=settings.ATTENTION_KERNELS[0],
-                     help="attention kernel of the fused frame-causal attention (sage/flash need their pip package)")
+    gen.add_argument("--attention", choices=settings.ATTENTION_CHOICES, default=settings.ATTENTION_CHOICES[0],
+                     help="kernel of the fused frame-causal attention (sage/flash need their pip package), or flex: "
+                          "one compiled FlexAttention call per block (CUDA, torch >= 2.5)")
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     gen.add_argument("--offload", choices=PLANS, default="none", metavar="PLAN",
                      help="memory plan: " + "; ".join(f"{name}: {text}" for name, text in PLAN_HELP.items())
@@ -100,6 +109,11 @@ def _add_generate(commands) -> None:
     gen.add_argument("--budget-gb", type=float, default=None, help="GPU memory budget for --offload auto/block_swap (GiB; default: free memory)")
     gen.add_argument("--resident-blocks", type=int, default=None, help="--offload block_swap: DiT blocks kept on the GPU")
     gen.add_argument("--out", required=True, help="output file: .mp4, .webm, .webp, .gif, or .png for a still image (never overwritten)")
+    gen.add_argument("--stream", action="store_true",
+                     help="decode and append each latent frame as soon as it is generated (watch the start while the rest "
+                     "generates; the same frames as decoding at the end)")
+    gen.add_argument("--save-latents", action="store_true",
+                     help="also write the latent clip beside the video (NAME.safetensors) to --extend it later")
     _add_verbosity(gen)
 
 

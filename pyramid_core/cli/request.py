@@ -22,12 +22,16 @@ from ..validation import (
 if TYPE_CHECKING:
     import torch
 
+    from ..clips import Clip
+
 __all__ = [
     "GenerationRequest", "UsageError", "check_output", "compute_dtype_for", "resolve_request", "writes_image",
 ]
 
-CPU_DTYPE_NOTE = ("the CPU default: bf16 convolutions and matmuls run many times slower than fp32 on CPUs without "
-                  "native bf16; pass --dtype bf16 to halve the memory anyway")
+CPU_DTYPE_NOTE = ("the CPU default: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 convolutions and "
+                  "matmuls run many times slower than fp32; pass --dtype bf16 to halve the memory anyway")
+CPU_BF16_NOTE = ("the CPU default: this CPU has native bf16 matmul ({feature}), so bf16 as trained, at half the "
+                 "memory of fp32; pass --dtype fp32 for full precision")
 
 
 class UsageError(ValueError):
@@ -69,6 +73,15 @@ class GenerationRequest:
     resident_blocks: int | None = None
     quiet: bool = False
     verbose: bool = False
+    clip: Clip | None = None  # --extend: the clip continued (temp is then the length added)
+    history_frames: int | None = None
+    save_latents: bool = False
+    stream: bool = False  # decode and write each latent frame as soon as it is generated
+
+    @property
+    def total_temp(self) -> int:
+        """Latent frames of the output (the extended clip included)."""
+        return self.temp + (self.clip.latent_frames if self.clip is not None else 0)
 
     @property
     def writes_image(self) -> bool:
@@ -90,14 +103,20 @@ def writes_image(out: Path, fmt: str | None) -> bool:
 def compute_dtype_for(device: torch.device, requested: str | None = None) -> tuple[torch.dtype, str]:
     """The compute dtype to run on `device`, and a note saying why when it was not requested.
 
-    An explicit `--dtype` wins. Otherwise fp32 on a CPU (bf16 conv3d is ~100x and bf16 matmul ~8x slower
-    than fp32 on an AVX2 CPU without native bf16), bf16 elsewhere (as trained).
+    An explicit `--dtype` wins. Otherwise bf16 on a GPU (as trained); on a CPU, bf16 where it has native
+    bf16 matmul (`pyramid_core.devices.cpu_bf16_feature`: AMX-BF16 or AVX512-BF16), else fp32 (without it
+    bf16 conv3d is ~100x and bf16 matmul ~8x slower than fp32 on an AVX2 CPU).
     """
     import torch
+
+    from .. import devices
 
     if requested is not None:
         return getattr(torch, settings.torch_dtype_name(requested)), ""
     if device.type == "cpu":
+        feature = devices.cpu_bf16_feature()
+        if feature is not None:
+            return torch.bfloat16, CPU_BF16_NOTE.format(feature=feature)
         return torch.float32, CPU_DTYPE_NOTE
     return torch.bfloat16, ""
 
@@ -180,22 +199,36 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
     steps = parse_steps(args.steps, "--steps") if args.steps is not None else check_steps(list(DEFAULTS.steps))
     variant = settings.variant_name(args.variant)
     defaults = VARIANTS.get(variant, VARIANTS[settings.DEFAULT_VARIANT])
-    width = args.width if args.width is not None else defaults.width
-    height = args.height if args.height is not None else defaults.height
+    if args.history_frames is not None and args.history_frames < 1:
+        raise UsageError(f"--history-frames must be >= 1, got {args.history_frames}")
+    clip = _extended_clip(args)
+    width = args.width if args.width is not None else (clip.width if clip else defaults.width)
+    height = args.height if args.height is not None else (clip.height if clip else defaults.height)
     check_resolution(width, height)
+    if clip is not None and (width, height) != (clip.width, clip.height):
+        raise UsageError(f"--extend {clip.path.name} is {clip.width}x{clip.height}; drop --width/--height (the clip sets the size)")
     temp = _length(args, defaults.default_temp)
+    total = temp + (clip.latent_frames if clip else 0)
+    _check_schedules(args.prompt, args.negative_prompt, total)
     if args.image is not None:
         if variant in VARIANTS and not VARIANTS[variant].makes_video:
             raise UsageError("the image variant makes still images; use --variant 384p or 768p for image-to-video")
         if temp < 2:
             raise UsageError(f"image-to-video needs --temp >= 2 (the start image is frame 0), got {temp}")
     out, fmt = check_output(args.out, args.format)
-    if writes_image(out, fmt) and temp != 1:
+    if args.stream and (writes_image(out, fmt) or args.offload == "model"):
+        raise UsageError("--stream writes a video while generating: give a .mp4/.webm/.webp/.gif --out and an "
+                         "--offload other than model (the DiT and the VAE must be on the device together)")
+    if writes_image(out, fmt) and total != 1:
         raise UsageError(
             f"{out.name} is a still image but temp {temp} makes a {frames_for_temp(temp)}-frame video; "
             "use --temp 1 (or --variant image) or a .mp4/.webm/.webp/.gif name"
         )
     model, vae, text, family, dit_width = _model_sources(args, variant)
+    if clip is not None and clip.metadata.get("family", family) != family:
+        made = settings.FAMILIES[clip.metadata["family"]].title
+        raise UsageError(f"--extend {clip.path.name} was made by a {made} model but --model is "
+                         f"{settings.FAMILIES[family].title}; extend it with a {made} model")
     image = _open_start_image(args.image) if args.image is not None else None
     if image is not None and args.steps is not None:
         warnings.warn("--steps is not used in image-to-video: every frame uses --video-steps", stacklevel=2)
@@ -204,9 +237,9 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
     video_guidance = args.video_guidance
     if video_guidance is None:
         video_guidance = DEFAULTS.i2v_video_guidance if image is not None else DEFAULTS.video_guidance
-    check_fits(width, height, temp, hidden=dit_width, capacity=device_capacity(device), cfg=guidance > 0,
+    check_fits(width, height, total, hidden=dit_width, capacity=device_capacity(device), cfg=guidance > 0,
                act_bytes=dtype.itemsize, where=f"the {device.type.upper() if device.type == 'cpu' else 'GPU'}")
-    beyond = temp_beyond_training(temp, variant)
+    beyond = temp_beyond_training(total, variant)
     if beyond is not None:
         warnings.warn(beyond, stacklevel=2)
     return GenerationRequest(
@@ -215,8 +248,27 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
         dtype=dtype, device=device, family=family, vae=vae, text_encoders=text, negative_prompt=args.negative_prompt,
         image=image, fps=fps, format=fmt, quality=args.quality, dtype_note=dtype_note, offload=args.offload,
         compile=args.compile, fp8=args.fp8, attention=args.attention, budget_gb=args.budget_gb,
-        resident_blocks=args.resident_blocks, quiet=args.quiet, verbose=args.verbose,
+        resident_blocks=args.resident_blocks, quiet=args.quiet, verbose=args.verbose, clip=clip,
+        history_frames=args.history_frames, save_latents=args.save_latents, stream=args.stream,
     )
+
+
+def _extended_clip(args: argparse.Namespace) -> Clip | None:
+    if args.extend is None:
+        return None
+    if args.image is not None:
+        raise UsageError("--extend continues a clip and --image starts one from a picture; use one of them")
+    from ..clips import read_clip
+
+    return read_clip(args.extend)
+
+
+def _check_schedules(prompt: str, negative: str | None, num_units: int) -> None:
+    from ..schedules import PromptSchedule
+
+    for text in (prompt, negative):
+        if text is not None:
+            PromptSchedule.parse(text).check_length(num_units)
 
 
 def _open_start_image(path: str):

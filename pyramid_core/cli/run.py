@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 from ..settings import dtype_name
 from ..validation import frames_for_temp, guidance_note
 from .request import GenerationRequest, writes_image
+from .stream import check_streamable, sample_streaming
 
 if TYPE_CHECKING:
     import torch
@@ -177,23 +178,42 @@ def run_generation(request: GenerationRequest, log: TextIO | None = None) -> Run
             fp8=request.fp8, attention_backend=request.attention, budget_gb=request.budget_gb,
             resident_blocks=request.resident_blocks, compile_blocks=request.compile,
         )
-    plan = pipe.memory.prepare(request.width, request.height, request.temp, cfg=request.guidance > 0, dtype=request.dtype)
+    plan = pipe.memory.prepare(request.width, request.height, request.total_temp, cfg=request.guidance > 0,
+                               dtype=request.dtype)
     report.say(plan.describe(), detail=request.offload != "auto")
     loaded = time.perf_counter()
     mode = "image-to-video" if request.image is not None else ("text-to-image" if request.temp == 1 else "text-to-video")
-    report.say(f"{mode}: {request.width}x{request.height}, temp {request.temp} ({frames_for_temp(request.temp)} frames), "
-               f"seed {request.seed}")
+    if request.clip is not None:
+        mode = f"extending {request.clip.path.name} ({request.clip.latent_frames} latent frames) by {request.temp}"
+    report.say(f"{mode}: {request.width}x{request.height}, temp {request.total_temp} "
+               f"({frames_for_temp(request.total_temp)} frames), seed {request.seed}")
     note = guidance_note(request.guidance, request.video_guidance if request.temp > 1 else 1.0)
     if note is not None:
         report.say(note)
     report.say("encoding the prompt")
+    if request.stream:
+        check_streamable(plan)
     progress = StepProgress(quiet=request.quiet)
+    streamed = failure = None
     try:
-        latents = _sample(pipe, request, progress)
+        if request.stream:
+            latents, streamed, failure = sample_streaming(pipe, request, progress)
+        else:
+            latents = _sample(pipe, request, progress)
     finally:
         progress.close()
     generated = time.perf_counter()
-    path, frames = decode_and_write(pipe.decode, latents, request, metadata=_metadata(request))
+    if request.save_latents:
+        from ..latents_file import save_latents
+
+        kept = save_latents(latents.cpu(), request.out.with_suffix(".safetensors"), _metadata(request))
+        report.say(f"latents: {kept} (continue with --extend {kept})")
+    if failure is not None:
+        raise _keep(latents, request.out, _metadata(request), failure) from failure
+    if streamed is not None:
+        path, frames = streamed, frames_for_temp(request.total_temp)
+    else:
+        path, frames = decode_and_write(pipe.decode, latents, request, metadata=_metadata(request))
     done = time.perf_counter()
     allocated = reserved = None
     if request.device.type == "cuda":
@@ -213,8 +233,12 @@ def _sample(pipe, request: GenerationRequest, progress: StepProgress) -> torch.T
     negative = request.negative_prompt if request.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
     common = dict(
         negative_prompt=negative, guidance_scale=request.guidance, video_guidance_scale=request.video_guidance,
-        seed=request.seed, output_type="latent", step_callback=progress,
+        seed=request.seed, output_type="latent", step_callback=progress, history_frames=request.history_frames,
     )
+    if request.clip is not None:
+        clip = request.clip.latents if request.clip.latents is not None else pipe.encode_video(request.clip.pixels)
+        return pipe.extend(clip, prompt=request.prompt, temp=request.temp, num_inference_steps=request.video_steps,
+                           **common)
     if request.image is not None:
         return pipe.generate_i2v(
             prompt=request.prompt, input_image=request.image, temp=request.temp, num_inference_steps=request.video_steps,
@@ -231,7 +255,7 @@ def _metadata(request: GenerationRequest) -> dict[str, str | int | float]:
     return {
         "family": request.family, "variant": request.variant, "model": str(Path(vae).resolve()),
         "prompt": request.prompt, "seed": request.seed, "fps": request.fps, "width": request.width,
-        "height": request.height, "temp": request.temp,
+        "height": request.height, "temp": request.total_temp,
     }
 
 

@@ -117,12 +117,17 @@ def _check_components(components: Iterable[str]) -> tuple[str, ...]:
 
 def _prepare_dit(loaded: LoadedModel, compute: torch.dtype, fp8: str | None, attention_backend: str,
                  compile_blocks: bool) -> None:
-    """Precision, attention kernel and compilation of a freshly loaded DiT, in place."""
+    """Precision, attention and compilation of a freshly loaded DiT, in place.
+
+    `attention_backend`: a segmented-path kernel ('sdpa', 'sage', 'flash', registered) or an attention mode
+    ('flex', 'masked', 'segmented'), as `models.attention.attention_keywords` maps it.
+    """
     from .. import precision
+    from ..models.attention import attention_keywords
 
     stored_fp8 = precision.has_fp8_weights(loaded.model)  # Kijai's fp8 files stay fp8 whatever `fp8` says
     precision.configure_dit_precision(loaded.model, compute, fp8=None if stored_fp8 else fp8)
-    precision.set_attention_backend(loaded.model, attention_backend)
+    precision.configure_dit(loaded.model, **attention_keywords(attention_backend))
     if compile_blocks:
         precision.compile_blocks(loaded.model)
 
@@ -144,8 +149,8 @@ def load_components(
     folder). `variant` picks the DiT variant folder of a root (a label for a single file). `dtype`: the
     compute dtype; `fp8`: 'row' or 'tensor' stores the DiT's Linear weights in float8 with such scales
     (float8 files stay float8 either way, never upcast to a full-size copy). `attention_backend`: 'sdpa',
-    'sage', 'flash' or a registered one; `compile_blocks`: torch.compile each DiT block. Weights are loaded
-    on the host; a memory plan places them afterwards.
+    'sage', 'flash' or a registered kernel, or the attention mode 'flex' (or 'masked'); `compile_blocks`:
+    torch.compile each DiT block. Weights are loaded on the host; a memory plan places them afterwards.
     """
     wanted = _check_components(components)
     dtypes = component_dtypes(dtype)

@@ -7,6 +7,7 @@ placements. Out-of-memory errors inside a plan come back as `DeviceOutOfMemoryEr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import traceback
 import warnings
@@ -35,6 +36,8 @@ from .weights import MemoryStats
 logger = logging.getLogger(__name__)
 
 DEFAULT_MARGIN_GB = 0.75  # allocator fragmentation and kernels' workspaces
+CPU_PLAN_NOTE = ("offload plans have no effect on a CPU device (its weights already live in host memory); "
+                 "running as 'none' instead of {plan!r}")
 
 _OOM = torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError is the same class on newer torch
 
@@ -81,6 +84,11 @@ class MemoryManager:
     `margin_gb`. pin_memory: pin streamed host copies (default: when the device is CUDA).
     backend: how copies and events happen (default: CUDA streams on CUDA, plain copies elsewhere;
     `SimulatedStreams` checks the streaming protocol on the CPU).
+
+    On a CPU device with the default backend every plan runs as 'none' (`requested_plan` keeps the one
+    asked for; a note says so once): a placement's point is device memory, which a CPU run does not have,
+    so streaming would only copy weights host to host. A given backend (`SimulatedStreams`, or
+    `DirectCopies` to measure the plans' mechanics on the CPU) models a device: the plan runs as asked.
     """
 
     def __init__(
@@ -107,8 +115,10 @@ class MemoryManager:
                 f"budget_gb must be a positive number of GiB (or None for free device memory), got {budget_gb!r}")
         if margin_gb < 0:
             raise ValueError(f"margin_gb must be >= 0, got {margin_gb!r}")
-        self.plan = plan
         self.device = _normalize(device if device is not None else default_device())
+        self.requested_plan = plan
+        self.host_only = self.device.type == "cpu" and backend is None
+        self.plan = "none" if self.host_only else plan
         self.offload_device = _normalize(offload_device)
         self.resident_blocks = resident_blocks
         self.prefetch = prefetch
@@ -122,6 +132,8 @@ class MemoryManager:
         self._placements: dict[str, Placement] = {}
         self.last_plan: MemoryPlan | None = None
         self.workload = Workload()
+        if self.plan != self.requested_plan:  # once per manager, at the one place a plan is chosen
+            warnings.warn(CPU_PLAN_NOTE.format(plan=self.requested_plan), stacklevel=2)
 
     # ---------------------------------------------------------------- registration and use
     @property
@@ -209,12 +221,14 @@ class MemoryManager:
         return component_demands(self._components, workload or self.workload)
 
     def estimate(self, workload: Workload | None = None) -> MemoryPlan:
-        """Resolve this manager's plan for a workload without moving anything."""
+        """Resolve this manager's plan for a workload without moving anything (`chosen`: the plan used)."""
         workload = workload or self.workload
-        return plan_memory(
+        plan = plan_memory(
             self.plan, self.demands(workload), self.budget_bytes(), workload,
             resident_blocks=self.resident_blocks, prefetch=self.prefetch, margin=int(self.margin_gb * GiB),
         )
+        # on a CPU device: named as asked, chosen 'none' (describe() reads "memory plan 'auto' -> 'none'")
+        return dataclasses.replace(plan, name=self.requested_plan) if self.plan != self.requested_plan else plan
 
     def prepare(
         self,
@@ -236,7 +250,7 @@ class MemoryManager:
         )
         plan = self.estimate(self.workload)
         budget = plan.budget_bytes
-        if self.plan != "auto" and budget is not None and plan.peak_bytes > budget:
+        if self.plan != "auto" and not self.host_only and budget is not None and plan.peak_bytes > budget:
             warnings.warn(
                 f"offload={self.plan!r} needs about {format_bytes(plan.peak_bytes)} for {self.workload.describe()}, more than "
                 f"the {format_bytes(budget)} budget; offload='auto' picks a plan that fits", stacklevel=2,

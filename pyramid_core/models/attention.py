@@ -6,10 +6,15 @@ the key's frame index is <= the query's (text counts as frame 0). That mask rule
 attention kernels and costs gigabytes at 768p.
 
 Along the joint sequence [text; clip tokens, oldest first] the frame index never decreases, so
-"key frame <= query frame" means "key lies in a prefix". `segmented_attention` therefore runs,
-per sample, one unmasked attention call per frame segment (queries of frame f against the
-valid text plus all video tokens up to the end of frame f). Every call has no mask, so SDPA can
-pick flash / memory-efficient kernels. `masked_attention` is the plain reference path.
+"key frame <= query frame" means "key lies in a prefix". Three paths compute the same thing:
+
+* `segmented_attention` (default): per sample group, one unmasked call per frame segment (queries of frame f
+  against the real text plus all video tokens up to the end of frame f), on views of q/k/v wherever the layout
+  allows, written in place into one output. With no mask SDPA can pick flash / memory-efficient kernels, and
+  the kernel is pluggable. On CUDA, runs of small history frames share one SDPA call with a small mask.
+* `flex_joint_attention`: one FlexAttention call (torch >= 2.5) with a block mask built on the host from
+  the layout (compiled on CUDA).
+* `masked_attention`: the plain reference, SDPA with the dense mask.
 
 The layout (frame segments from the clip shapes, sample groups from a host copy of the text mask) is
 worked out on the host once per DiT forward, so no attention call waits for the device.
@@ -21,15 +26,22 @@ SageAttention or flash-attn, or any registered function taking [B, H, L, D] q/k/
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, NamedTuple
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..settings import ATTENTION_MODES
 from .layers import FP16_MAX, frame_token_counts, host_to_device, pow2_scale
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -123,6 +135,7 @@ class TokenLayout:
     frame_ids: torch.Tensor | None = None
     frame_sizes: tuple[int, ...] | None = None
     device: torch.device | None = None
+    _run_masks: dict = field(default_factory=dict, init=False, repr=False)  # (text, run) -> its mask on `device`
 
     def __post_init__(self) -> None:
         if (self.frame_ids is None) == (self.frame_sizes is None):
@@ -198,6 +211,35 @@ class TokenLayout:
         causal = order[:, None] >= order[None, :]
         return same_group & causal[None, None]
 
+    def run_mask(self, num_text: int, text_rows: int, first: int, last: int) -> torch.Tensor:
+        """Frame-causal bool mask [rows, keys] of segments first..last batched into one call, on the device.
+
+        Keys: `num_text` real text tokens, then the video up to the end of segment `last`. Rows: `text_rows`
+        text queries (with segment 0; they see what frame 0 sees), then the segments' video queries; a row
+        sees the keys before the end of its frame. Built once per layout from shapes (no host data copied).
+        """
+        key = (num_text, text_rows, first, last)
+        if key not in self._run_masks:
+            segments = self.segments
+            limits = [(text_rows, num_text + segments[0][1])] if text_rows else []
+            limits += [(end - start, num_text + end) for start, end in segments[first : last + 1]]
+            limit = torch.cat([torch.full((rows,), value, device=self.device) for rows, value in limits])
+            keys = torch.arange(num_text + segments[last][1], device=self.device)
+            self._run_masks[key] = keys[None, :] < limit[:, None]
+        return self._run_masks[key]
+
+    def block_mask(self) -> "BlockMask":
+        """The FlexAttention `BlockMask` of the official mask on the layout's device, built once per layout.
+
+        Tables from the shapes and the host text mask (no device read); one asynchronous copy to the device.
+        ImportError naming the fix on torch < 2.5.
+        """
+        return self._block_mask
+
+    @cached_property
+    def _block_mask(self) -> "BlockMask":
+        return _block_mask(self)
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,8 +248,9 @@ class AttentionSpec:
 
     layout: where text and frames sit in the joint sequence. compute_dtype: the attention kernels' dtype (the
     DiT's input and output dtype). residual_dtype: the residual streams' dtype, which modulated activations
-    return to before each Linear. mode: 'segmented' (fused per-frame kernels) or 'masked' (the official dense
-    mask, SDPA). kernel: the unmasked attention function of the segmented path.
+    return to before each Linear. mode: 'segmented' (fused per-frame kernels), 'flex' (one FlexAttention call
+    with a block mask) or 'masked' (the official dense mask, SDPA). kernel: the unmasked attention function of
+    the segmented path.
     """
 
     layout: TokenLayout
@@ -244,48 +287,254 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask().to(q.device))
 
 
-def segmented_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, attend: AttentionFn = sdpa
-) -> torch.Tensor:
-    """Same result as `masked_attention` for every non-padding token, with no N x N mask.
+# --------------------------------------------------------------------------------------------
+# the segmented path
 
-    Padded text queries attend to padded text keys only (as official); their outputs never reach
-    real tokens either way.
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Largest query count of one batched run of small frame segments on `device` (0: no batching).
+
+    CUDA: many small history frames (60 queries at 384p) underfill the GPU one launch each, so runs of them
+    share one masked SDPA call. CPU: per-call overhead is negligible and the masked call computes the whole
+    run x prefix rectangle, so every segment keeps its own unmasked call.
+    """
+    return 1024 if device.type == "cuda" else 0
+
+
+def segment_runs(sizes: list[int], batch_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive segment index ranges [first, last] that share one kernel call.
+
+    `sizes`: query rows of each segment (segment 0 counts its text rows). Segments are joined greedily while the
+    run's rows stay within `batch_tokens`; a segment that alone exceeds it is a run of its own.
+    """
+    runs: list[tuple[int, int]] = []
+    rows = 0
+    for index, size in enumerate(sizes):
+        if runs and rows + size <= batch_tokens:
+            runs[-1] = (runs[-1][0], index)
+            rows += size
+        else:
+            runs.append((index, index))
+            rows = size
+    return runs
+
+
+def _write(out: torch.Tensor, rows: slice | torch.Tensor, positions: slice | torch.Tensor, value: torch.Tensor) -> None:
+    """out[rows, :, positions] = value, in place (value: [rows, H, positions, D])."""
+    if isinstance(rows, slice):
+        target = out[rows]  # a view: the writes below land in `out`
+        if isinstance(positions, slice):
+            target[:, :, positions].copy_(value)
+        else:
+            target.index_copy_(2, positions, value)
+    elif isinstance(positions, slice):
+        out[rows, :, positions] = value
+    else:  # two index tensors around a slice: indexing puts their dims first
+        out[rows[:, None], :, positions] = value.transpose(1, 2)
+
+
+def segmented_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    attend: AttentionFn = sdpa,
+    batch_tokens: int | None = None,
+) -> torch.Tensor:
+    """Same result as `masked_attention` for every token, with no N x N mask. q, k, v: [B, H, L, D].
+
+    Per sample group (rows sharing one text mask; rows as a view when contiguous), the keys are the real text
+    followed by the video: a view when the real text ends where the video starts (no padding, or left padding),
+    else one copy. Queries are views: segment 0 reads from the first real text token on, so padded text rows
+    between them ride along and are overwritten by the padded-text call, which runs last (padded text attends
+    to padded text only, as official). Every result is written in place into one output tensor.
+
+    `batch_tokens` (None: `default_batch_tokens(device)`; SDPA only, other kernels take no mask): runs of
+    consecutive small segments up to that many query rows share one SDPA call with a small [rows, prefix]
+    frame-causal mask instead of one unmasked call each (same result up to float rounding).
     """
     text_len = layout.text_len
-    out = torch.empty_like(q)
     segments = layout.segments
-    # samples with identical text masks share every kernel call (e.g. B=1, or equal prompt lengths)
+    if batch_tokens is None:
+        batch_tokens = default_batch_tokens(q.device)
+    if attend is not sdpa:
+        batch_tokens = 0
+    out = torch.empty_like(q)
     for group in layout.sample_groups:
-        qb, kb, vb = (_select(t, 0, group.rows) for t in (q, k, v))
-        # a row range is written in place through a view of `out`; an index set is scattered back at the end
-        ob = out[group.rows] if isinstance(group.rows, slice) else torch.empty_like(qb)
-        n_text = group.num_valid
-        keys = torch.cat([_select(kb, 2, group.valid), kb[:, :, text_len:]], dim=2)
-        values = torch.cat([_select(vb, 2, group.valid), vb[:, :, text_len:]], dim=2)
-        for index, (start, end) in enumerate(segments):
-            prefix = n_text + end
-            video_q = qb[:, :, text_len + start : text_len + end]
-            if index == 0:  # text shares frame 0: it sees text and frame-0 tokens, like them
-                queries = torch.cat([_select(qb, 2, group.valid), video_q], dim=2)
-                result = attend(queries, keys[:, :, :prefix], values[:, :, :prefix])
-                ob[:, :, group.valid] = result[:, :, :n_text]
-                ob[:, :, text_len + start : text_len + end] = result[:, :, n_text:]
+        rows, valid, n_text = group.rows, group.valid, group.num_valid
+        qb, kb, vb = (_select(t, 0, rows) for t in (q, k, v))  # views for a row range, else one gather
+        if isinstance(valid, slice):
+            text_start = valid.start if n_text else text_len  # segment 0's queries start here (views)
+            text_rows = text_len - text_start
+            if not n_text or valid.stop == text_len:  # real text right before the video: keys are views
+                keys, values = kb[:, :, text_start:], vb[:, :, text_start:]
             else:
-                ob[:, :, text_len + start : text_len + end] = attend(
-                    video_q, keys[:, :, :prefix], values[:, :, :prefix]
+                keys, values = (torch.cat([t[:, :, valid], t[:, :, text_len:]], dim=2) for t in (kb, vb))
+        else:  # scattered real text: gathered (at most the text length)
+            text_start, text_rows = None, n_text
+            keys, values = (torch.cat([t.index_select(2, valid), t[:, :, text_len:]], dim=2) for t in (kb, vb))
+        sizes = [end - start for start, end in segments]
+        if sizes:
+            sizes[0] += text_rows
+        for first, last in segment_runs(sizes, batch_tokens):
+            start, end = segments[first][0], segments[last][1]
+            if first > 0:
+                queries, places = qb[:, :, text_len + start : text_len + end], slice(text_len + start, text_len + end)
+            elif text_start is not None:
+                queries, places = qb[:, :, text_start : text_len + end], slice(text_start, text_len + end)
+            else:
+                queries = torch.cat([qb.index_select(2, valid), qb[:, :, text_len : text_len + end]], dim=2)
+                places = None
+            prefix = n_text + end
+            if first == last:
+                result = attend(queries, keys[:, :, :prefix], values[:, :, :prefix])
+            else:
+                mask = layout.run_mask(n_text, text_rows if first == 0 else 0, first, last)
+                result = F.scaled_dot_product_attention(
+                    queries, keys[:, :, :prefix], values[:, :, :prefix], attn_mask=mask
                 )
-        if group.num_padded:
-            pq, pk, pv = (_select(t, 2, group.padded) for t in (qb, kb, vb))
-            ob[:, :, group.padded] = attend(pq, pk, pv)
-        if not isinstance(group.rows, slice):
-            out[group.rows] = ob
+            if places is not None:
+                _write(out, rows, places, result)
+            else:
+                _write(out, rows, valid, result[:, :, :n_text])
+                _write(out, rows, slice(text_len, text_len + end), result[:, :, n_text:])
+            del queries, result  # before the next call allocates its own
+        del keys, values  # before the next group's copies: one group's at a time
+        if group.num_padded:  # last: overwrites the padded rows segment 0 computed along the way
+            padded = group.padded
+            _write(out, rows, padded, attend(*(_select(t, 2, padded) for t in (qb, kb, vb))))
+        del qb, kb, vb  # gathered rows (scattered groups) go before the next group's
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the FlexAttention path
+
+FLEX_BLOCK = 128  # FlexAttention's default sparse block size (tokens per side of one block-mask tile)
+FLEX_COMPILED_DEVICES = ("cuda",)  # where `flex_joint_attention` compiles by default (see its docstring)
+
+
+def flex_module() -> ModuleType:
+    """`torch.nn.attention.flex_attention` (torch >= 2.5); ImportError naming the fix when missing."""
+    try:
+        return importlib.import_module("torch.nn.attention.flex_attention")
+    except ImportError as exc:
+        raise ImportError(
+            f"attention 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention), this is torch "
+            f"{torch.__version__}: upgrade torch (pip install -U torch), or use attention 'segmented' (CLI: "
+            "--attention sdpa)"
+        ) from exc
+
+
+def _flex_function(compiled: bool) -> Callable:
+    """flex_attention, compiled or eager. torch.compile keeps its graphs on the function's code object, so a
+    fresh wrapper per call reuses them (no module-level cache needed)."""
+    flex = flex_module().flex_attention
+    return torch.compile(flex) if compiled else flex
+
+
+def flex_joint_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, compiled: bool | None = None
+) -> torch.Tensor:
+    """The official frame-causal attention as one FlexAttention call with the layout's block mask; [B, H, L, D].
+
+    `compiled` None: compiled on CUDA (a fused Triton kernel that skips masked tiles; torch.compile's default
+    recompiles the second token count with dynamic shapes), eager elsewhere. Eager FlexAttention materialises
+    the full [B, H, L, L] scores (fine for checks at small sizes; 7.6 GB and ~74 s at 384p on CPU). On CPU,
+    torch 2.13's compiled kernel works for one fixed shape but takes 20-40 s to build per token count, fails
+    to build with dynamic shapes, and runs slower than the segmented path, so CPU stays eager: real CPU runs
+    want 'segmented'.
+    """
+    if compiled is None:
+        compiled = q.device.type in FLEX_COMPILED_DEVICES
+    block_mask = layout.block_mask()
+    if compiled:
+        if q.device.type == "cuda" and importlib.util.find_spec("triton") is None:
+            raise ImportError(
+                "attention 'flex' compiles a Triton kernel on CUDA: pip install triton (triton-windows on Windows), "
+                "or use attention 'segmented' (CLI: --attention sdpa)"
+            )
+        return _flex_function(True)(q, k, v, block_mask=block_mask)
+    with warnings.catch_warnings():  # eager on purpose: not the "use torch.compile" advice
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return _flex_function(False)(q, k, v, block_mask=block_mask)
+
+
+def _flex_tables(
+    text_mask: torch.Tensor, segments: tuple[tuple[int, int], ...], block: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Host tensors of the frame-causal block mask: (per-token tables, block tables), all int64.
+
+    Per token: `kind` [B, L] (1 real text or video, 0 padded text; a query sees a key only of its own kind)
+    and `limit` [L] (it sees keys before this position: the end of its frame, text counting as frame 0).
+    Per (q block, kv block): partial and full blocks as counts [B, 1, nq] and indices [B, 1, nq, nk], listed
+    first in ascending order. A tile is full only when it lies inside the sequence and every pair is allowed.
+    """
+    batch, text_len = text_mask.shape
+    num_video = segments[-1][1] if segments else 0
+    length = text_len + num_video
+    # text and frame 0 share one limit (the end of frame 0); every later frame has its own
+    ends = [text_len + end for _, end in segments] or [text_len]
+    sizes = [text_len + (segments[0][1] if segments else 0)] + [end - start for start, end in segments[1:]]
+    limit = torch.repeat_interleave(torch.tensor(ends, device="cpu"), torch.tensor(sizes, device="cpu"))
+    kind = torch.cat([text_mask.long(), torch.ones(batch, num_video, dtype=torch.long, device="cpu")], dim=1)
+
+    blocks = -(-length // block)
+    starts = torch.arange(blocks, device="cpu") * block
+    stops = (starts + block).clamp(max=length)
+    complete = stops - starts == block
+    causal_full = stops[None, :] <= limit[starts][:, None]  # [q block, kv block]: every key before every limit
+    causal_any = starts[None, :] < limit[stops - 1][:, None]
+    padded_kind = torch.full((batch, blocks * block), -1, dtype=torch.long, device="cpu")
+    padded_kind[:, :length] = kind
+    padded_kind = padded_kind.view(batch, blocks, block)
+    has = [(padded_kind == value).any(-1) for value in (0, 1)]  # [B, blocks]: the tile holds that kind
+    only = [has[0] & ~has[1] & complete, has[1] & ~has[0] & complete]
+    kind_full = (only[0][:, :, None] & only[0][:, None, :]) | (only[1][:, :, None] & only[1][:, None, :])
+    kind_any = (has[0][:, :, None] & has[0][:, None, :]) | (has[1][:, :, None] & has[1][:, None, :])
+    full = kind_full & causal_full
+    partial = kind_any & causal_any & ~full
+
+    def listed(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True)
+        return selected.sum(-1)[:, None], order[:, None]
+
+    return (kind, limit), (*listed(partial), *listed(full))
+
+
+def _block_mask(layout: TokenLayout, block: int = FLEX_BLOCK) -> "BlockMask":
+    """The layout's FlexAttention `BlockMask` on its device: host tables, one asynchronous copy."""
+    flex = flex_module()
+    (kind, limit), tables = _flex_tables(layout.host_text_mask.mask, layout.segments, block)
+    host = [kind, limit, *tables]
+    packed = host_to_device(torch.cat([t.flatten() for t in host]), layout.device)
+    pieces, offset = [], 0
+    for t in host:
+        pieces.append(packed[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    kind, limit = pieces[:2]
+    num_partial, partial, num_full, full = (t.to(torch.int32) for t in pieces[2:])
+
+    def frame_causal(b, h, q_idx, kv_idx):
+        return (kind[b, q_idx] == kind[b, kv_idx]) & (kv_idx < limit[q_idx])
+
+    length = kind.shape[1]
+    options = inspect.signature(flex.BlockMask.from_kv_blocks).parameters
+    extra = {"seq_lengths": (length, length)} if "seq_lengths" in options else {}
+    if "compute_q_blocks" in options:
+        extra["compute_q_blocks"] = False  # the transposed tables serve the backward pass only
+    return flex.BlockMask.from_kv_blocks(
+        num_partial, partial, num_full, full, BLOCK_SIZE=block, mask_mod=frame_causal, **extra
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the one entry of the blocks
 
 
 @torch.compiler.disable  # data-dependent Python loop over frames: keep it out of compiled block graphs
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """Attention over the joint sequence as `spec` says: fused segmented path or dense-mask reference.
+    """Attention over the joint sequence as `spec.mode` says: segmented, FlexAttention or the dense-mask reference.
 
     q, k, v [B, H, L, D] run in `spec.compute_dtype`; the result comes back in v's dtype. Going from wider v to
     fp16, v is divided per (sample, head) by a power of two when it would not fit fp16 (attention is linear
@@ -299,10 +548,25 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if spec.mode == "segmented":
         out = segmented_attention(q, k, v, spec.layout, spec.kernel)
+    elif spec.mode == "flex":
+        out = flex_joint_attention(q, k, v, spec.layout)
     else:
         out = masked_attention(q, k, v, spec.layout)
     out = out.to(out_dtype)
     return out if v_scale is None else out * v_scale
+
+
+def attention_keywords(name: str) -> dict[str, str]:
+    """`configure_dit` keywords of one user-facing attention name (the CLI's --attention, the loader's widget).
+
+    A mode ('segmented', 'masked', 'flex') runs with SDPA kernels; any other name ('sdpa', 'sage', 'flash' or
+    registered) is a kernel of the segmented path. 'flex' raises ImportError naming the fix on torch < 2.5.
+    """
+    if name in ATTENTION_MODES:
+        if name == "flex":
+            flex_module()
+        return {"attention_mode": name, "attention_backend": "sdpa"}
+    return {"attention_mode": "segmented", "attention_backend": name}
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 A DiT's settings (`DiTSettings`: attention mode and backend, residual dtype) say how it runs, not what it
 computes on; they change only through `configure_dit`, which replaces them whole. Each forward turns them,
 with the clip shapes and the text mask, into one `AttentionSpec` that every block receives by keyword.
+
+RoPE tables depend only on the clip shapes, which stay the same for every step of a pyramid stage: each DiT keeps
+the host tables of its last few shape sets (`rotary_tables`), so a step costs one asynchronous copy, no recompute.
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ from .attention import (
     resolve_attention_backend,
     sdpa,
 )
-from .layers import residual_dtype_for
+from .layers import RotaryTables, residual_dtype_for, rope_tables
 
 __all__ = ["DiTSettings", "PyramidDiT", "configure_dit", "unpatchify"]
 
 RESIDUAL_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32)
+ROPE_CACHE_SIZE = 4  # shape sets whose RoPE tables a DiT keeps: the current stage's, with room for a few more
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ def configure_dit(
             "attention_mode='segmented') or attention_backend='sdpa'"
         )
     model.settings = settings
+    model.clear_rope_cache()
     return model
 
 
@@ -124,6 +129,37 @@ class PyramidDiT(nn.Module, abc.ABC):
         super().__init__()
         self.token_patch = token_patch
         self.settings = DiTSettings()
+        self._rope_cache: dict[tuple, torch.Tensor] = {}  # key -> host tables, least recently used first
+
+    def rotary_tables(self, clips: list[torch.Tensor], axes: str, axes_dims: list[int]) -> RotaryTables:
+        """RoPE tables of the video tokens on the clips' device: built on the host once per shape set, then cached.
+
+        The key is everything the tables depend on: the clip shapes (t, h, w), the token patch, the position
+        axes and their channel counts, and the device (tables for CUDA are kept in pinned memory). They are
+        fp32 whatever the compute dtype. Each call makes one asynchronous host-to-device copy and reads nothing
+        back from the device; the cache keeps the `ROPE_CACHE_SIZE` most recently used shape sets.
+        """
+        device = clips[-1].device
+        shapes = tuple(tuple(int(n) for n in clip.shape[-3:]) for clip in clips)
+        key = (shapes, self.token_patch, axes, tuple(axes_dims), device)
+        tables = self._rope_cache.pop(key, None)
+        if tables is None:
+            tables = rope_tables(shapes, self.token_patch, axes, axes_dims)
+            if device.type == "cuda":
+                tables = tables.pin_memory()  # pinned once: every step's copy is truly asynchronous
+        self._rope_cache[key] = tables  # (re)inserted as the most recently used
+        while len(self._rope_cache) > ROPE_CACHE_SIZE:
+            del self._rope_cache[next(iter(self._rope_cache))]
+        return RotaryTables.from_host(tables, device)
+
+    def clear_rope_cache(self) -> None:
+        """Drop the cached RoPE tables (`configure_dit` does, on every settings change)."""
+        self._rope_cache.clear()
+
+    def current_token_count(self, clips: list[torch.Tensor]) -> int:
+        """Tokens of the current (last) clip: what the forward reads out, so all the last block has to compute."""
+        t, h, w = clips[-1].shape[-3:]
+        return t * (h // self.token_patch) * (w // self.token_patch)
 
     def working_memory_bytes(self, workload) -> int:
         """Device working memory of one forward at the workload's largest unit (a `pyramid_core.memory.Workload`)."""
@@ -174,10 +210,9 @@ class PyramidDiT(nn.Module, abc.ABC):
         tokens = self.transform(clips=clips, context=context, temb=temb, spec=spec)
 
         t, h, w = clips[-1].shape[-3:]
-        p = self.token_patch
-        current_tokens = tokens[:, -t * (h // p) * (w // p) :]  # only the current clip is read out
+        current_tokens = tokens[:, tokens.shape[1] - self.current_token_count(clips) :]  # only the current clip
         out = self.proj_out(self.norm_out(current_tokens, temb).to(spec.residual_dtype))
-        return unpatchify(out.to(spec.compute_dtype), t, h, w, p)
+        return unpatchify(out.to(spec.compute_dtype), t, h, w, self.token_patch)
 
     @abc.abstractmethod
     def transform(
@@ -186,6 +221,7 @@ class PyramidDiT(nn.Module, abc.ABC):
         """The family's own part: embed the clips, run the blocks; returns the final token sequence.
 
         `context`: text tokens [B, T, D] and `temb`: time + pooled text embedding [B, D], in the residual dtype.
-        The returned sequence ends with the current clip's tokens.
+        The returned sequence ends with the current clip's tokens (`current_token_count`), the only ones read; it
+        may hold just those (the last block skips the output projection and MLP of the rest).
         """
         raise NotImplementedError

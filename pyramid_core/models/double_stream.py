@@ -3,6 +3,9 @@
 miniFLUX's `FluxTransformerBlock` and MMDiT's `JointTransformerBlock` compute the same thing under the
 same parameter names (`norm1`, `norm1_context`, `attn`, `ff`, `ff_context`); their attentions differ only in
 the q/k norms (epsilon, dtype rule, the text norms' names), which the family modules define.
+
+`keep_last` (the DiT's last block): only the last `keep_last` video tokens (the current clip, all the DiT reads
+out) get the output projection, residual and MLP; attention still runs over every token, so they are exact.
 """
 from __future__ import annotations
 
@@ -12,7 +15,15 @@ import torch
 from torch import nn
 
 from .attention import AttentionSpec, joint_attention
-from .layers import AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, Modulation, apply_rope, project_heads
+from .layers import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    FeedForward,
+    Modulation,
+    RotaryTables,
+    apply_rope_,
+    project_heads,
+)
 
 __all__ = ["DoubleStreamAttention", "DoubleStreamBlock"]
 
@@ -37,19 +48,31 @@ class DoubleStreamAttention(nn.Module, abc.ABC):
         raise NotImplementedError
 
     def forward(
-        self, *, x: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spec: AttentionSpec
+        self,
+        *,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        rope: RotaryTables,
+        spec: AttentionSpec,
+        keep_last: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(video output, text output); the text output is None when `context_pre_only`."""
+        """(video output, text output); the text output is None when `context_pre_only`.
+
+        `keep_last`: the video output covers only the last `keep_last` tokens (None: all).
+        """
         q, k, v = project_heads(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, heads=self.heads)
         cq, ck, cv = project_heads(
             context, self.add_q_proj, self.add_k_proj, self.add_v_proj, *self.context_norms(), heads=self.heads
         )
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # video only: text sits at the origin (identity rotation)
-        out = joint_attention(torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), spec)
-        out = out.transpose(1, 2).flatten(2)
+        apply_rope_(q, rope)  # video only: text sits at the origin (identity rotation)
+        apply_rope_(k, rope)
+        # token-major [B, L, H, D] joint tensors; the attention reads them as [B, H, L, D] views
+        joint = [torch.cat(pair, dim=1).transpose(1, 2) for pair in ((cq, q), (ck, k), (cv, v))]
+        out = joint_attention(*joint, spec).transpose(1, 2)  # [B, L, H, D]
         text_len = context.shape[1]
-        context_out = None if self.context_pre_only else self.to_add_out(out[:, :text_len])
-        return self.to_out[0](out[:, text_len:]), context_out
+        context_out = None if self.context_pre_only else self.to_add_out(out[:, :text_len].flatten(2))
+        video = out[:, text_len:] if keep_last is None else out[:, out.shape[1] - keep_last :]
+        return self.to_out[0](video.flatten(2)), context_out
 
 
 class DoubleStreamBlock(nn.Module):
@@ -74,10 +97,14 @@ class DoubleStreamBlock(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor,
         temb: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: RotaryTables,
         spec: AttentionSpec,
+        keep_last: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(text stream, video stream) after the block; the text stream is None after a `context_pre_only` block."""
+        """(text stream, video stream) after the block; the text stream is None after a `context_pre_only` block.
+
+        `keep_last`: the video stream comes back with only its last `keep_last` tokens (None: all of them).
+        """
         residual = spec.residual_dtype  # the Linears take it (fp32 under fp16 compute: see layers.Linear)
         x_attn, x_mlp = self.norm1(temb)
         if self.context_pre_only:
@@ -86,8 +113,11 @@ class DoubleStreamBlock(nn.Module):
             context_attn, context_mlp = self.norm1_context(temb)
             context_in = context_attn.modulate(context)
         x_out, context_out = self.attn(
-            x=x_attn.modulate(x).to(residual), context=context_in.to(residual), rope=rope, spec=spec
+            x=x_attn.modulate(x).to(residual), context=context_in.to(residual), rope=rope, spec=spec,
+            keep_last=keep_last,
         )
+        if keep_last is not None:
+            x = x[:, x.shape[1] - keep_last :]
         x = _add_mlp(x + x_attn.gate * x_out, x_mlp, self.ff, residual)
         if self.context_pre_only:
             return None, x

@@ -26,13 +26,12 @@ from .layers import (
     CombinedTimestepTextProjEmbeddings,
     Linear,
     RMSNorm,
-    apply_rope,
+    RotaryTables,
+    apply_rope_,
     project_heads,
-    rope_on_device,
 )
 
 PATCH_SIZE = 2  # the official code hard-codes 2 whatever config.json says
-Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class FluxDoubleAttention(DoubleStreamAttention):
@@ -60,13 +59,18 @@ class FluxSingleAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (Linear(dim, heads * head_dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
 
-    def forward(self, *, x: torch.Tensor, rope: Rope, spec: AttentionSpec) -> torch.Tensor:
-        """Attention output [B, L, H*D] of the joint sequence x [B, L, dim]."""
+    def forward(
+        self, *, x: torch.Tensor, rope: RotaryTables, spec: AttentionSpec, keep_last: int | None = None
+    ) -> torch.Tensor:
+        """Attention output [B, L, H*D] of the joint sequence x [B, L, dim] (its last `keep_last` tokens if given)."""
         q, k, v = project_heads(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, heads=self.heads)
         text_len = spec.layout.text_len  # text positions are 0: the rotation is the identity there
-        q = torch.cat([q[:, :, :text_len], apply_rope(q[:, :, text_len:], *rope)], dim=2)
-        k = torch.cat([k[:, :, :text_len], apply_rope(k[:, :, text_len:], *rope)], dim=2)
-        return joint_attention(q, k, v, spec).transpose(1, 2).flatten(2)
+        apply_rope_(q[:, text_len:], rope)  # in place on the video part: no copy of q or k
+        apply_rope_(k[:, text_len:], rope)
+        out = joint_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec).transpose(1, 2)
+        if keep_last is not None:
+            out = out[:, out.shape[1] - keep_last :]
+        return out.flatten(2)
 
 
 class FluxTransformerBlock(DoubleStreamBlock):
@@ -76,10 +80,17 @@ class FluxTransformerBlock(DoubleStreamBlock):
         super().__init__(dim, FluxDoubleAttention(dim, heads, head_dim))
 
     def forward(
-        self, *, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: Rope, spec: AttentionSpec
+        self,
+        *,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        temb: torch.Tensor,
+        rope: RotaryTables,
+        spec: AttentionSpec,
+        keep_last: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text stream, video stream) after the block."""
-        context, x = super().forward(x=x, context=context, temb=temb, rope=rope, spec=spec)
+        """(text stream, video stream) after the block (the video stream's last `keep_last` tokens if given)."""
+        context, x = super().forward(x=x, context=context, temb=temb, rope=rope, spec=spec, keep_last=keep_last)
         if context.dtype == torch.float16:  # official overflow guard (fp16 residual streams only)
             context = context.clip(-FP16_MAX, FP16_MAX)
         return context, x
@@ -96,12 +107,26 @@ class FluxSingleTransformerBlock(nn.Module):
         self.attn = FluxSingleAttention(dim, heads, head_dim)
         self.proj_out = Linear(dim + mlp_dim, dim)
 
-    def forward(self, *, x: torch.Tensor, temb: torch.Tensor, rope: Rope, spec: AttentionSpec) -> torch.Tensor:
-        """The joint sequence x [B, L, dim] after the block."""
+    def forward(
+        self,
+        *,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        rope: RotaryTables,
+        spec: AttentionSpec,
+        keep_last: int | None = None,
+    ) -> torch.Tensor:
+        """The joint sequence x [B, L, dim] after the block.
+
+        `keep_last` (the last block): only the last `keep_last` tokens, the current clip that the DiT reads out,
+        are computed and returned; they still attend to every token, so they are exactly the full block's.
+        """
         modulation, _ = self.norm(temb)
         x_mod = modulation.modulate(x).to(spec.residual_dtype)
+        attn = self.attn(x=x_mod, rope=rope, spec=spec, keep_last=keep_last)
+        if keep_last is not None:
+            x, x_mod = x[:, x.shape[1] - keep_last :], x_mod[:, x_mod.shape[1] - keep_last :]
         mlp = F.gelu(self.proj_mlp(x_mod), approximate="tanh")
-        attn = self.attn(x=x_mod, rope=rope, spec=spec)
         x = x + modulation.gate * self.proj_out(torch.cat([attn, mlp], dim=2))
         if x.dtype == torch.float16:
             x = x.clip(-FP16_MAX, FP16_MAX)
@@ -164,10 +189,14 @@ class PyramidFluxTransformer(PyramidDiT):
     ) -> torch.Tensor:
         """Video tokens embedded and run through the blocks with the text (see `PyramidDiT.transform`)."""
         x = self.x_embedder(torch.cat([patchify(clip) for clip in clips], dim=1).to(spec.residual_dtype))
-        rope = rope_on_device(clips, PATCH_SIZE, "thw", self.axes_dims_rope, clips[-1].device)  # text: at the origin
+        rope = self.rotary_tables(clips, "thw", self.axes_dims_rope)  # video tokens; text sits at the origin
+        keep = self.current_token_count(clips)  # the last block computes only what the read-out keeps
+        last = self.blocks[-1]
         for block in self.transformer_blocks:
-            context, x = block(x=x, context=context, temb=temb, rope=rope, spec=spec)
+            context, x = block(
+                x=x, context=context, temb=temb, rope=rope, spec=spec, keep_last=keep if block is last else None
+            )
         joint = torch.cat([context, x], dim=1)
         for block in self.single_transformer_blocks:
-            joint = block(x=joint, temb=temb, rope=rope, spec=spec)
+            joint = block(x=joint, temb=temb, rope=rope, spec=spec, keep_last=keep if block is last else None)
         return joint

@@ -4,6 +4,10 @@ Parameter names follow the official checkpoints, so state dicts load with no ren
 Numerics follow the official bf16 autocast path: LayerNorm runs in fp32 and the modulated
 activations stay fp32 until the next Linear; RMSNorm reduces in fp32; RoPE is applied in fp32.
 
+Small ops are fused where that keeps the official numbers: the q/k RMSNorm is one
+`torch.nn.functional.rms_norm` call (torch >= 2.4; one kernel on CUDA) with the official dtype rules,
+and RoPE rotates q and k in place with tables laid out per head channel (no pair split, stack or copy).
+
 Mixed precision: every Linear here accepts activations wider than its weights (fp32 activations,
 fp16 weights). The product then runs in the weight dtype and the result comes back in the
 activation dtype. That is how the DiTs run fp16 without overflow: the residual streams stay fp32
@@ -30,7 +34,8 @@ __all__ = [
     "Linear",
     "Modulation",
     "RMSNorm",
-    "apply_rope",
+    "RotaryTables",
+    "apply_rope_",
     "clip_positions",
     "frame_token_counts",
     "host_to_device",
@@ -39,11 +44,14 @@ __all__ = [
     "pow2_scale",
     "project_heads",
     "residual_dtype_for",
+    "rms_norm",
     "rope_cos_sin",
-    "rope_on_device",
+    "rope_tables",
 ]
 
 FP16_MAX = 65504.0
+_HALF = (torch.float16, torch.bfloat16)
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4; the project floor (2.1) takes the reference formula
 
 
 def residual_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
@@ -114,7 +122,7 @@ class FeedForward(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim with a learned weight (the per-head q/k norm).
+    """RMSNorm over the last dim with a learned weight (the per-head q/k norm); see `rms_norm`.
 
     `cast_to_input`: MMDiT casts the result back to the input dtype; miniFLUX leaves it in the
     weight's dtype for half weights (identical for fp32).
@@ -127,16 +135,40 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        weight = self.weight
-        if weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(weight.dtype)
-        elif weight.dtype != x.dtype:  # low-precision storage (fp8): compute in the activation dtype
-            weight = weight.to(x.dtype)
-        x = x * weight
-        return x.to(input_dtype) if self.cast_to_input else x
+        return rms_norm(x, self.weight, self.eps, self.cast_to_input)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_to_input: bool = False) -> torch.Tensor:
+    """The official (diffusers) RMSNorm of x over its last dim, in one fused call where torch has one.
+
+    dtypes as official: x is normalised in fp32; half weights take the result rounded to their dtype
+    and the product stays in it; other weights (fp32, fp8 storage) multiply in fp32. `cast_to_input`
+    casts the result to x's dtype. Without `torch.nn.functional.rms_norm` (torch < 2.4), or for float64
+    input, the official op-by-op formula runs instead.
+    """
+    if not _FUSED_RMS_NORM or x.dtype not in (torch.float32, *_HALF):
+        return _rms_norm_reference(x, weight, eps, cast_to_input)
+    shape = (x.shape[-1],)
+    if weight.dtype in _HALF:
+        # rms_norm of a half tensor normalises in fp32 and rounds once: the official cast when the dtypes agree
+        source = x if x.dtype in (torch.float32, weight.dtype) else x.float()
+        out = F.rms_norm(source, shape, eps=eps).to(weight.dtype) * weight
+    else:
+        out = F.rms_norm(x.float(), shape, weight.float(), eps=eps)
+    return out.to(x.dtype) if cast_to_input else out
+
+
+def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_to_input: bool) -> torch.Tensor:
+    """The official formula op by op (diffusers' RMSNorm with its fp8-storage rule)."""
+    input_dtype = x.dtype
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    if weight.dtype in _HALF:
+        x = x.to(weight.dtype)
+    elif weight.dtype != x.dtype:  # low-precision storage (fp8): compute in the activation dtype
+        weight = weight.to(x.dtype)
+    x = x * weight
+    return x.to(input_dtype) if cast_to_input else x
 
 
 def project_heads(
@@ -149,12 +181,16 @@ def project_heads(
     *,
     heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries, keys and values [B, H, L, D] of tokens x [B, L, dim], q and k normalised per head."""
+    """Queries, keys and values [B, L, H, D] of tokens x [B, L, dim], q and k normalised per head.
+
+    Token-major, as the projections write them (no copy); `.transpose(1, 2)` gives the [B, H, L, D] view the
+    attention takes. q and k are fresh tensors (the norms' outputs), so RoPE may rotate them in place.
+    """
     shape = (x.shape[0], x.shape[1], heads, -1)
     q = norm_q(to_q(x).view(shape))
     k = norm_k(to_k(x).view(shape))
     v = to_v(x).view(shape)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q, k, v
 
 
 def layer_norm_fp32(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -236,21 +272,47 @@ def rope_cos_sin(positions: torch.Tensor, axes_dims: list[int], theta: float = 1
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
-def rope_on_device(
-    clips: Sequence[torch.Tensor | Sequence[int]], patch: int, axes: str, axes_dims: list[int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE (cos, sin) of the video tokens on `device`: built on the host from clip shapes, one async copy."""
+def rope_tables(
+    clips: Sequence[torch.Tensor | Sequence[int]], patch: int, axes: str, axes_dims: list[int]
+) -> torch.Tensor:
+    """RoPE tables of the video tokens on the host: fp32 [2, L, head_dim], cos then sin, per head channel.
+
+    Built from the clip shapes alone (`clip_positions`, `rope_cos_sin`); each angle is repeated for the two
+    channels (2k, 2k+1) of its pair, the layout `apply_rope_` reads. One tensor, so one copy to the device.
+    """
     positions, _ = clip_positions(clips, patch, axes)
     cos, sin = rope_cos_sin(positions, axes_dims)
-    return tuple(host_to_device(torch.stack([cos, sin]), device).unbind(0))
+    return torch.stack([cos, sin]).repeat_interleave(2, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, H, L, D] by tables [L, D/2]; fp32 math, x's dtype out."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+class RotaryTables(NamedTuple):
+    """RoPE tables on the execution device, fp32 [L, 1, D] each (broadcast over heads), as `rope_tables` lays out."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def from_host(cls, tables: torch.Tensor, device: torch.device | str) -> RotaryTables:
+        """The [2, L, D] host tables of `rope_tables` on `device`, in one asynchronous copy."""
+        cos, sin = host_to_device(tables, device)[:, :, None].unbind(0)
+        return cls(cos, sin)
+
+
+def apply_rope_(x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
+    """Rotate the channel pairs (2k, 2k+1) of x [B, L, H, D] in place by the tables; returns x.
+
+    The official rotation (a, b) -> (a cos - b sin, a sin + b cos), computed in fp32 with the same roundings
+    (each product rounded, then one sum); a half x is rotated into fp32 products and written back rounded once.
+    x may be a view (the video part of a joint sequence): only its elements change.
+    """
+    work = x if x.dtype in (torch.float32, *_HALF) else x.float()  # half x widens exactly inside the products
+    swapped = work * rope.sin  # fp32 (a sin, b sin), before `work` changes
+    work = work.mul_(rope.cos) if work.dtype == torch.float32 else work * rope.cos  # fp32 (a cos, b cos)
+    work[..., 0::2].sub_(swapped[..., 1::2])
+    work[..., 1::2].add_(swapped[..., 0::2])
+    if work is not x:
+        x.copy_(work)
+    return x
 
 
 def _clip_grid(clip: torch.Tensor | Sequence[int], patch: int) -> tuple[int, int, int]:

@@ -17,7 +17,7 @@ from torch import nn
 from .attention import AttentionSpec
 from .dit import PyramidDiT
 from .double_stream import DoubleStreamAttention, DoubleStreamBlock
-from .layers import AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings, Linear, RMSNorm, rope_on_device
+from .layers import AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings, Linear, RMSNorm
 
 
 def sincos_table_2d(dim: int, grid: int, base_size: int) -> torch.Tensor:
@@ -158,7 +158,11 @@ class PyramidMMDiT(PyramidDiT):
     ) -> torch.Tensor:
         """Video tokens embedded and run through the blocks with the text (see `PyramidDiT.transform`)."""
         x = self.pos_embed(clips).to(spec.residual_dtype)
-        rope = rope_on_device(clips, self.token_patch, "t", [self.head_dim], clips[-1].device)
+        rope = self.rotary_tables(clips, "t", [self.head_dim])
+        keep = self.current_token_count(clips)  # the last block computes only what the read-out keeps
+        last = self.transformer_blocks[-1]
         for block in self.transformer_blocks:
-            context, x = block(x=x, context=context, temb=temb, rope=rope, spec=spec)
+            context, x = block(
+                x=x, context=context, temb=temb, rope=rope, spec=spec, keep_last=keep if block is last else None
+            )
         return x

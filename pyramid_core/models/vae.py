@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .vae_blocks import CausalConv3d, CausalDecoder, CausalEncoder
+from .vae_decode import ChunkDecoder, StepCallback
 from .vae_tiling import TILE_OVERLAP, chunk_ranges, stitch, tile_plan
 
 ENCODER_BLOCK = "DownEncoderBlockCausal3D"
@@ -21,7 +22,6 @@ DECODER_BLOCK = "UpDecoderBlockCausal3D"
 CONV_TYPE = "causal_vae_conv"
 
 FrameCallback = Callable[[int, torch.Tensor], None]
-StepCallback = Callable[[int, int], None]  # (decode steps done, total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,9 +245,6 @@ class CausalVideoVAE(nn.Module):
         kw = dict(chunked=chunked, first_chunk=first_chunk)
         return self.decoder(self.post_quant_conv(z, **kw), **kw)
 
-    def _frame_start(self, latent_start: int) -> int:
-        return 0 if latent_start == 0 else self.temporal_ratio * (latent_start - 1) + 1
-
     @torch.no_grad()
     def _decode_impl(
         self,
@@ -263,79 +260,35 @@ class CausalVideoVAE(nn.Module):
         step_callback: Optional[StepCallback] = None,
     ) -> Optional[torch.Tensor]:
         z = self._prepare(z, self.latent_channels, "decode input")
-        if temporal_chunk and window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {window_size}")
         if order not in ("tile", "chunk"):
             raise ValueError(f"order must be 'tile' or 'chunk', got {order!r}")
-        height, width = z.shape[-2:]
-        tile_latent = int(tile_sample_min_size / self.downsample_scale)
-        if tiling and (height > tile_latent or width > tile_latent):
-            stride = int(tile_latent * (1 - TILE_OVERLAP))
-            if stride < 1:
-                raise ValueError(f"tile_sample_min_size={tile_sample_min_size} is too small; use at least 16")
-            plan = tile_plan(height, width, tile_latent, tile_sample_min_size, stride)
-        else:
-            plan = None
-        chunks = chunk_ranges(z.shape[2], window_size) if temporal_chunk else [(0, z.shape[2])]
-        convs = self._conv_layers(self.post_quant_conv, self.decoder)
-        windows = list(plan.windows()) if plan else [(0, 0, 0, 0)]
-        size = plan.size if plan else max(height, width)
-        move = (lambda t: t.to(out_device)) if out_device is not None else (lambda t: t)
-
-        steps = len(windows) * len(chunks)
-        done = [0]
-
-        def decode_piece(i: int, j: int, k: int) -> torch.Tensor:
-            s, e = chunks[k]
-            piece = z[:, :, s:e, i:i + size, j:j + size]
-            decoded = move(self._decode_chunk(piece, temporal_chunk, first_chunk=k == 0))
-            done[0] += 1
-            if step_callback is not None:
-                step_callback(done[0], steps)
-            return decoded
-
-        if step_callback is not None:
-            step_callback(0, steps)
-
-        def finish(grid: list[list[torch.Tensor]]) -> torch.Tensor:
-            return stitch(grid, plan.blend, plan.keep) if plan else grid[0][0]
-
-        def empty_grid() -> list[list[Optional[torch.Tensor]]]:
-            return [[None] * len(plan.col_starts) for _ in plan.row_starts] if plan else [[None]]
-
+        plan = ChunkDecoder(self, z.shape[2], *z.shape[-2:], temporal_chunk=temporal_chunk, window_size=window_size,
+                            tile_sample_min_size=tile_sample_min_size, tiling=tiling, out_device=out_device,
+                            step_callback=step_callback)
         outputs: list[torch.Tensor] = []
         try:
-            if order == "tile" or len(chunks) == 1 or len(windows) == 1:
+            if order == "tile" or len(plan.chunks) == 1 or len(plan.windows) == 1:
                 # official order: each tile decoded over all its chunks before the next tile starts
-                grid = empty_grid()
-                for r, c, i, j in windows:
-                    parts = [decode_piece(i, j, k) for k in range(len(chunks))]
+                grid = plan.empty_grid()
+                for r, c, i, j in plan.windows:
+                    parts = [plan.decode_piece(k, i, j, z[:, :, s:e]) for k, (s, e) in enumerate(plan.chunks)]
                     grid[r][c] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
                     del parts
-                video = finish(grid)
+                video = plan.finish(grid)
                 del grid
                 if frame_callback is not None:
                     frame_callback(0, video)
                 return video if return_frames else None
             # chunk-outer: one cache set per tile, frames become final chunk by chunk
-            tile_caches: dict[tuple[int, int], list[Optional[torch.Tensor]]] = {}
-            for k in range(len(chunks)):
-                grid = empty_grid()
-                for r, c, i, j in windows:
-                    if k > 0:
-                        self._restore_caches(convs, tile_caches.pop((r, c)))
-                    grid[r][c] = decode_piece(i, j, k)
-                    tile_caches[(r, c)] = self._take_caches(convs)
-                piece = finish(grid)
-                del grid
+            for k, (s, e) in enumerate(plan.chunks):
+                piece = plan.decode_chunk(k, z[:, :, s:e])
                 if frame_callback is not None:
-                    frame_callback(self._frame_start(chunks[k][0]), piece)
+                    frame_callback(plan.first_frame(k), piece)
                 if return_frames:
                     outputs.append(piece)
-            tile_caches.clear()
             return torch.cat(outputs, dim=2) if return_frames else None
         finally:
-            self.clear_caches()
+            plan.close()
 
     def decode(
         self,

@@ -6,7 +6,8 @@ section (a kill loses nothing), and past the global deadline every item records 
 
  1. dit     DiT-only forwards (all 24 blocks, CFG batch 2 with unequal text masks) at 768p and 384p, at (last
             unit, stage 2) and (unit temp/2, stage 1), clips built with the sampler's own history rule:
-            segmented attention, the official dense mask ('masked') and segmented forced to flash. CUDA-event
+            segmented attention, FlexAttention ('flex', compiled: warm-ups include the compile), the official
+            dense mask ('masked') and segmented forced to flash. CUDA-event
             times over 3 warm-ups + 10 reps, CPU enqueue time, the top CUDA kernels of one profiled rep (which
             SDPA kernel ran), and how far the outputs differ.
  2. memory  sampling only (embeddings precomputed, no decode) at 768p temp 16, one step per stage, for none,
@@ -71,7 +72,7 @@ FULL_SIZES = {"768p": (1280, 768, "diffusion_transformer_768p"), "384p": (640, 3
 SMALL_SIZES = {"768p": (128, 64, "diffusion_transformer_768p"), "384p": (64, 64, "diffusion_transformer_384p")}
 FULL_VAE = ((256, 1), (512, 2))  # (tile_sample_min_size, window_size)
 SMALL_VAE = ((32, 1), (64, 2))  # at 64x64 the first tiles, the second does not
-ATTENTION_MODES = ("segmented", "masked", "flash")
+ATTENTION_MODES = ("segmented", "flex", "masked", "flash")
 DOUBLES = "double blocks"
 
 
@@ -393,9 +394,9 @@ def token_count(clips: list[torch.Tensor]) -> int:
 
 @contextlib.contextmanager
 def attention(dit: torch.nn.Module, mode: str):
-    """'segmented', 'masked' (the official dense mask) or 'flash' (segmented, SDPA forced to flash)."""
+    """'segmented', 'flex', 'masked' (the official dense mask) or 'flash' (segmented, SDPA forced to flash)."""
     old = dit.attention_mode
-    configure_dit(dit, attention_mode="masked" if mode == "masked" else "segmented")
+    configure_dit(dit, attention_mode=mode if mode in ("flex", "masked") else "segmented")
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if mode == "flash" else contextlib.nullcontext():
             yield
@@ -616,7 +617,7 @@ def dit_shape(run: Run, res: str, unit: int, stage: int) -> dict:
         print(f"  {res} u{unit} s{stage} {mode}: {fmt(_median(row[mode]))} ms", flush=True)
     if (unit, stage) == (run.cfg.temp - 1, 2) and res == "768p":
         run.last_unit_output = outputs.get("segmented")
-    for mode in ("masked", "flash"):
+    for mode in ("flex", "masked", "flash"):
         if mode in outputs and "segmented" in outputs:
             row[f"{mode}_vs_segmented"] = difference(outputs[mode], outputs["segmented"])
     row["finite"] = all(bool(torch.isfinite(o).all()) for o in outputs.values())
@@ -955,10 +956,11 @@ def summary_dit(section: dict) -> str:
         seg = r.get("segmented")
         enqueue = seg["enqueue_ms"]["median"] if isinstance(seg, dict) and "enqueue_ms" in seg else None
         rows.append([r["resolution"], f"u{r['unit']} s{r['stage']}", r["tokens"], _median(seg), enqueue,
-                     _median(r.get("masked")), _median(r.get("flash")), _attention_of(seg),
-                     _attention_of(r.get("masked")), (r.get("masked_vs_segmented") or {}).get("rel_l2")])
-    return table(["res", "unit/stage", "tokens", "segmented ms", "enqueue ms", "masked ms", "flash ms",
-                  "SDPA (segmented)", "SDPA (masked)", "masked vs seg rel"], rows)
+                     _median(r.get("flex")), _median(r.get("masked")), _median(r.get("flash")), _attention_of(seg),
+                     _attention_of(r.get("masked")), (r.get("flex_vs_segmented") or {}).get("rel_l2"),
+                     (r.get("masked_vs_segmented") or {}).get("rel_l2")])
+    return table(["res", "unit/stage", "tokens", "segmented ms", "enqueue ms", "flex ms", "masked ms", "flash ms",
+                  "SDPA (segmented)", "SDPA (masked)", "flex vs seg rel", "masked vs seg rel"], rows)
 
 
 def _sampling_row(r: dict) -> list[Any]:

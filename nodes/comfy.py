@@ -6,13 +6,19 @@ and run anywhere. `bind()` (re)reads the environment; tests call it after instal
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
+import inspect
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from torch import nn
+
+from pyramid_core.models.operations import conv3d_onednn, mixed_precision_linear
 
 MODEL_FOLDER = "pyramidflow"  # models/pyramidflow: official Hugging Face folders
 DIFFUSION_MODELS = "diffusion_models"  # single-file DiTs (Kijai's repacks)
@@ -21,9 +27,18 @@ MODEL_EXTENSIONS = {".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt", ".js
 STANDALONE_MODELS_ENV = "PYRAMID_FLOW_MODELS_DIR"  # standalone: where models/ lives (default ./models)
 STANDALONE_OUTPUT_ENV = "PYRAMID_FLOW_OUTPUT_DIR"  # standalone: where videos go (default ./output)
 
+MINIMUM_COMFYUI = "0.1 (August 2024)"  # the oldest ComfyUI with every call `REQUIRED` names
+REQUIRED = {  # module -> attributes the pack cannot run without (each newer call has a fallback below)
+    "comfy.model_management": ("load_models_gpu", "free_memory", "get_torch_device", "current_loaded_models"),
+    "comfy.model_patcher": ("ModelPatcher",),
+    "comfy.ops": ("disable_weight_init", "manual_cast", "cast_bias_weight"),
+}
+
 HAVE_COMFY = False
+MISSING: list[str] = []  # REQUIRED calls this ComfyUI lacks (reported at first use by `require`)
 _mm: Any = None  # comfy.model_management
-_patcher_cls: Any = None  # comfy.model_patcher.ModelPatcher
+_patcher_mod: Any = None  # comfy.model_patcher
+_ops: Any = None  # comfy.ops
 _utils: Any = None  # comfy.utils
 _args: Any = None  # comfy.cli_args.args
 _preview_none: Any = None  # comfy.cli_args.LatentPreviewMethod.NoPreviews
@@ -41,16 +56,22 @@ def _optional(name: str) -> Any:
 
 def bind() -> bool:
     """Import ComfyUI's modules if they are importable; returns whether ComfyUI is present."""
-    global HAVE_COMFY, _mm, _patcher_cls, _utils, _args, _preview_none, _folder_paths, _latent_preview, _video_api
+    global HAVE_COMFY, _mm, _patcher_mod, _utils, _args, _preview_none, _folder_paths, _latent_preview, _video_api
+    global _ops, MISSING
     mm = _optional("comfy.model_management")
     patcher = _optional("comfy.model_patcher")
     folder_paths = _optional("folder_paths")
     if mm is None or patcher is None or folder_paths is None:
-        HAVE_COMFY, _mm, _patcher_cls, _utils, _args, _preview_none = False, None, None, None, None, None
-        _folder_paths = _latent_preview = _video_api = None
+        HAVE_COMFY, _mm, _patcher_mod, _utils, _args, _preview_none = False, None, None, None, None, None
+        _folder_paths = _latent_preview = _video_api = _ops = None
+        MISSING = []
         return False
     HAVE_COMFY = True
-    _mm, _patcher_cls, _folder_paths = mm, patcher.ModelPatcher, folder_paths
+    _ops = _optional("comfy.ops")
+    modules = {"comfy.model_management": mm, "comfy.model_patcher": patcher, "comfy.ops": _ops}
+    MISSING = [f"{name}.{attr}" for name, attrs in REQUIRED.items() for attr in attrs
+               if not hasattr(modules[name], attr)]
+    _mm, _patcher_mod, _folder_paths = mm, patcher, folder_paths
     _utils = _optional("comfy.utils")
     cli_args = _optional("comfy.cli_args")
     _args = getattr(cli_args, "args", None)
@@ -108,44 +129,70 @@ def total_memory(device: torch.device) -> int:
 # ------------------------------------------------------------------------------- model management
 
 
-class StandalonePatcher:
-    """Without ComfyUI: the subset of `ModelPatcher` the nodes use (moves the whole model)."""
+def require() -> None:
+    """Raise one clear error when this ComfyUI lacks a call the pack needs (instead of an AttributeError)."""
+    if MISSING:
+        raise RuntimeError(
+            f"ComfyUI-PyramidFlow needs ComfyUI {MINIMUM_COMFYUI} or newer; this ComfyUI lacks "
+            f"{', '.join(MISSING)}. Update ComfyUI (git pull, or the Manager's 'Update ComfyUI')."
+        )
 
-    def __init__(self, model: torch.nn.Module, load_device: torch.device, offload_device: torch.device, size: int = 0):
+
+class StandalonePatcher:
+    """Without ComfyUI: the subset of `ModelPatcher` the nodes use (the model stays where it was loaded)."""
+
+    def __init__(self, model: nn.Module, load_device: torch.device, offload_device: torch.device, size: int = 0):
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
         self.size = size or sum(t.nbytes for t in model.state_dict().values())
 
     def model_size(self) -> int:
         return self.size
 
-    def detach(self, unpatch_all: bool = True) -> torch.nn.Module:
-        self.model.to(self.offload_device)
+    def detach(self, unpatch_all: bool = True) -> nn.Module:
         return self.model
 
 
-def make_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> Any:
-    """Wrap a module so ComfyUI's model management sees it (size = its state dict bytes)."""
+def patcher_class() -> Any:
+    """The patcher ComfyUI wraps its own models in: `CoreModelPatcher` (dynamic VRAM where it is on; read at
+    use time, since ComfyUI's start-up rebinds it), else `ModelPatcher` on versions before it existed."""
+    return getattr(_patcher_mod, "CoreModelPatcher", None) or _patcher_mod.ModelPatcher
+
+
+def make_patcher(module: nn.Module, load_device: torch.device, offload_device: torch.device) -> Any:
+    """Wrap a module so ComfyUI's model management owns its placement (size = its state dict bytes)."""
     size = sum(t.nbytes for t in module.state_dict().values())
     if HAVE_COMFY:
-        return _patcher_cls(module, load_device=load_device, offload_device=offload_device, size=size)
+        require()
+        return patcher_class()(module, load_device=load_device, offload_device=offload_device, size=size)
     return StandalonePatcher(module, load_device, offload_device, size)
 
 
-def load_models(patchers: list[Any], memory_required: int = 0, force_full_load: bool = True) -> None:
-    """Put models on their load device, letting ComfyUI evict others first."""
-    if HAVE_COMFY:
-        _mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=force_full_load)
-        return
-    for patcher in patchers:
-        patcher.model.to(patcher.load_device)
+def load_models(patchers: list[Any], memory_required: int = 0, force_full_load: bool = False) -> None:
+    """Have ComfyUI put models on their load device: it evicts other models until the weights plus
+    `memory_required` fit, and loads partially (comfy.ops layers) what does not; `force_full_load`: whole."""
+    if not HAVE_COMFY:
+        return  # standalone: models stay on the host they were loaded to
+    require()
+    load = _mm.load_models_gpu
+    if "force_full_load" in inspect.signature(load).parameters:
+        load(patchers, memory_required=memory_required, force_full_load=force_full_load)
+    else:  # before 2024-08: no such argument (and no partial loading of custom layers to refuse)
+        load(patchers, memory_required=memory_required)
 
 
 def unload_model(patcher: Any) -> None:
-    """Move one model back to its offload device (and out of ComfyUI's loaded list)."""
-    if HAVE_COMFY:
-        _mm.unload_model_and_clones(patcher)
+    """Move one model back to its offload device and out of ComfyUI's loaded list."""
+    if not HAVE_COMFY:
+        patcher.detach()
         return
-    patcher.detach()
+    unload = getattr(_mm, "unload_model_and_clones", None)
+    if unload is not None:
+        unload(patcher)
+        return
+    for loaded in list(_mm.current_loaded_models):  # versions without it: the loaded entry of this patcher
+        if loaded.model is patcher:
+            loaded.model_unload()
+            _mm.current_loaded_models.remove(loaded)
 
 
 def free_memory(memory_required: int, device: torch.device) -> None:
@@ -154,11 +201,95 @@ def free_memory(memory_required: int, device: torch.device) -> None:
         _mm.free_memory(memory_required, device)
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory ComfyUI counts as free on `device` (torch's reserved-but-unused cache included); None on a CPU."""
+    if device.type == "cpu":
+        return None
+    if HAVE_COMFY:
+        return int(_mm.get_free_memory(device))
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return None
+
+
 def soft_empty_cache() -> None:
     if HAVE_COMFY:
         _mm.soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- layers (comfy.ops)
+
+
+def operations(weight_dtype: torch.dtype, compute_dtype: torch.dtype, load_device: torch.device) -> type | None:
+    """The layer classes a model is built from inside ComfyUI: `comfy.ops` as ComfyUI picks them for these
+    dtypes (so its loader can partially load, cast and, with dynamic VRAM, fault weights in), with
+    pyramid_core's call semantics; None without ComfyUI (pyramid_core's own torch layers)."""
+    if not HAVE_COMFY:
+        return None
+    require()
+    pick = getattr(_ops, "pick_operations", None)
+    if pick is not None:
+        base = pick(weight_dtype, compute_dtype, load_device=load_device)
+    else:  # before 2024-08
+        base = _ops.disable_weight_init if weight_dtype == compute_dtype else _ops.manual_cast
+    return _layer_classes(base, compute_dtype)
+
+
+@contextlib.contextmanager
+def cast_weights(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, Any]]:
+    """(weight, bias) of a comfy.ops layer on x's device in `dtype`, for one call, as this ComfyUI casts them:
+    `CastBiasWeightContext` (2026), `cast_bias_weight(offloadable=True)` + `uncast_bias_weight` (2025), or the
+    plain two-value `cast_bias_weight` (older)."""
+    context = getattr(_ops, "CastBiasWeightContext", None)
+    if context is not None:
+        with context(layer, x, dtype=dtype, offloadable=True) as (weight, bias):
+            yield weight, bias
+        return
+    if "offloadable" in inspect.signature(_ops.cast_bias_weight).parameters:
+        weight, bias, stream = _ops.cast_bias_weight(layer, x, dtype=dtype, offloadable=True)
+        try:
+            yield weight, bias
+        finally:
+            _ops.uncast_bias_weight(layer, weight, bias, stream)
+        return
+    weight, bias = _ops.cast_bias_weight(layer, x, dtype=dtype)
+    yield weight, bias
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_classes(base: type, compute_dtype: torch.dtype) -> type:
+    """pyramid_core's layers on ComfyUI's: `base` (a comfy.ops namespace) owns casting and offloading, ours the
+    numerics (Linear: activations wider than the weights, `mixed_precision_linear`; Conv3d: oneDNN on CPU).
+    Built once per (base, compute dtype)."""
+
+    class Linear(base.Linear):
+        # torch's own loader: ComfyUI's lazy (weightless) construction is for layers ComfyUI loads itself
+        _load_from_state_dict = nn.Linear._load_from_state_dict
+
+        def forward_comfy_cast_weights(self, x: torch.Tensor) -> torch.Tensor:
+            with cast_weights(self, x, compute_dtype) as (weight, bias):
+                return mixed_precision_linear(x, weight, bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.comfy_cast_weights or self.weight_function or self.bias_function:
+                return super().forward(x)  # ComfyUI's: its per-op hook, then the cast above
+            return mixed_precision_linear(x, self.weight, self.bias)
+
+    class Conv3d(base.Conv3d):
+        _load_from_state_dict = nn.Conv3d._load_from_state_dict
+
+        def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = conv3d_onednn(self, x, weight, bias)
+            return out if out is not None else super()._conv_forward(x, weight, bias, *args, **kwargs)
+
+    class Conv2d(base.Conv2d):
+        _load_from_state_dict = nn.Conv2d._load_from_state_dict
+
+    return type(f"PyramidFlow_{getattr(base, '__name__', 'ops')}", (), {
+        "Linear": Linear, "Conv3d": Conv3d, "Conv2d": Conv2d, "base": base, "compute_dtype": compute_dtype,
+    })
 
 
 # ------------------------------------------------------------------------ progress, cancel, preview
@@ -281,6 +412,14 @@ def native_video(images: torch.Tensor, fps: float) -> Any:
         return None
     components = api.Types.VideoComponents(images=images, frame_rate=Fraction(fps).limit_denominator(1000))
     return api.InputImpl.VideoFromComponents(components)
+
+
+# --------------------------------------------------------------------------------------- metadata
+
+
+def metadata_enabled() -> bool:
+    """Whether saved files may carry the prompt and workflow: not under `--disable-metadata` (standalone: yes)."""
+    return not (HAVE_COMFY and bool(getattr(_args, "disable_metadata", False)))
 
 
 bind()

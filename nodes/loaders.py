@@ -6,7 +6,8 @@ from pathlib import Path
 from pyramid_core import settings
 
 from . import comfy as host
-from .managed import OFFLOAD_MODES, ManagedModel, PyramidFlowModel, PyramidFlowTextEncoder, PyramidFlowVAE
+from . import preview
+from .managed import OFFLOAD_MODES, ManagedModel, PyramidFlowModel, PyramidFlowTextEncoder, PyramidFlowVAE, comfy_layers
 
 CATEGORY = "PyramidFlow"
 SINGLE_FILE_PREFIX = "diffusion_models/"
@@ -52,6 +53,11 @@ def _where(kind: str) -> str:
 
 def resolve_model(choice: str) -> Path:
     """The folder or file a loader entry names (clear error for the hint entry or a vanished one)."""
+    if choice == NO_MODEL:
+        raise FileNotFoundError(
+            f"no model installed: put an official Pyramid Flow folder (e.g. pyramid-flow-miniflux) in "
+            f"{_where(host.MODEL_FOLDER)}, or a single-file DiT in {_where(host.DIFFUSION_MODELS)}, then refresh"
+        )
     if choice.startswith(SINGLE_FILE_PREFIX):
         path = host.full_path(host.DIFFUSION_MODELS, choice[len(SINGLE_FILE_PREFIX):])
     else:
@@ -116,7 +122,8 @@ class PyramidFlowCoreModelLoader:
         compute, fp8 = precision_settings(precision)
         folder = resolve_model_folder(path) if path.is_dir() else None  # else a single-file DiT
         wanted = ("dit", "vae") if folder is not None and folder.vae is not None else ("dit",)
-        parts = load_components(path, variant, dtype=compute, fp8=fp8, components=wanted)
+        parts = load_components(path, variant, dtype=compute, fp8=fp8, components=wanted,
+                                operations=comfy_layers(compute))  # ComfyUI's layers: its loader places them
         loaded, dtypes = parts.dit, parts.dtypes
         configure_dit(loaded.model, **attention_settings)
         dit = ManagedModel.wrap(loaded.model, compute, host.torch_device(), host.dit_offload_device())
@@ -126,6 +133,8 @@ class PyramidFlowCoreModelLoader:
         if parts.vae is not None:
             vae = PyramidFlowVAE(ManagedModel.wrap(parts.vae.model, dtypes.vae, *host.vae_devices()), loaded.family,
                                  dtypes.vae)
+            preview.attach(result, vae)  # colour previews without a vae wire
+            preview.remember(vae, offload)
         if folder is not None and folder.text_encoders:  # loaded on first use, in the policy's dtype
             text_encoder = PyramidFlowTextEncoder(folder.root, loaded.family, dtypes.text_encoder)
         return (result, vae, text_encoder)
@@ -143,7 +152,8 @@ class PyramidFlowCoreVAELoader:
         return {
             "required": {
                 "vae": (vae_choices(), {"tooltip": "file in models/vae"}),
-                "precision": (list(VAE_PRECISIONS), {"default": "bf16"}),
+                "precision": (list(VAE_PRECISIONS), {"default": "bf16",
+                              "tooltip": "bf16 = official, half the memory; fp32 for GPUs without bf16"}),
                 "latent_family": (list(FAMILY_CHOICES), {"default": "miniflux",
                                   "tooltip": "which DiT the latents belong to (first-frame latent factors differ)"}),
             }
@@ -152,6 +162,11 @@ class PyramidFlowCoreVAELoader:
     def load(self, vae, precision, latent_family):
         from pyramid_core.loading import load_components, precision_settings
 
+        if vae == NO_VAE:
+            raise FileNotFoundError(
+                f"no VAE installed: put pyramid_flow_vae_bf16.safetensors (Kijai/pyramid-flow-comfy) in "
+                f"{_where(host.VAE_FOLDER)}, then refresh"
+            )
         path = host.full_path(host.VAE_FOLDER, vae)
         if path is None:
             raise FileNotFoundError(
@@ -160,7 +175,10 @@ class PyramidFlowCoreVAELoader:
             )
         if latent_family not in FAMILY_CHOICES:
             raise ValueError(f"latent_family must be one of {', '.join(FAMILY_CHOICES)}, got {latent_family!r}")
-        parts = load_components(path, dtype=precision_settings(precision)[0], components=("vae",))
+        compute = precision_settings(precision)[0]
+        parts = load_components(path, dtype=compute, components=("vae",), operations=comfy_layers(compute))
         dtype = parts.dtypes.vae
-        return (PyramidFlowVAE(ManagedModel.wrap(parts.vae.model, dtype, *host.vae_devices()), FAMILY_CHOICES[latent_family],
-                               dtype),)
+        result = PyramidFlowVAE(ManagedModel.wrap(parts.vae.model, dtype, *host.vae_devices()), FAMILY_CHOICES[latent_family],
+                                dtype)
+        preview.remember(result)
+        return (result,)

@@ -1,8 +1,12 @@
-"""Models owned by ComfyUI's model management, and the memory plan the pipeline runs under.
+"""Models owned by ComfyUI's model management, and the memory policy the pipeline runs under there.
 
-Each loaded model is wrapped in a `ModelPatcher` (honest size, load and offload devices) and is
-put on the GPU only through `load_models_gpu`, so "Unload models", `/free` and other nodes'
-memory requests can push ours out. Nothing here keeps a global reference to a model: the node
+The DiT and the VAE are built from ComfyUI's layers (`comfy.ops`, through `comfy.operations`) and wrapped in
+the patcher ComfyUI uses for its own models, so its loader places them: `load_models_gpu` loads them whole
+or partially ("loaded partially; X MB offloaded"), dynamic VRAM faults their weights in where ComfyUI runs
+with it, and "Unload models" or `/free` push them out. `ComfyMemory` is the pipeline's
+`pyramid_core.memory.MemoryPolicy` over that loader: the modes are pyramid_core's plan names, the working-memory
+estimates, decode settings and out-of-memory advice are pyramid_core's, and the explicit streaming modes
+(block_swap, sequential) run pyramid_core's engine. Nothing here keeps a global reference to a model: the node
 outputs (held by ComfyUI's cache) own them.
 """
 from __future__ import annotations
@@ -16,6 +20,18 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from pyramid_core.memory import (
+    DEFAULT_MARGIN_GB,
+    GiB,
+    MemoryManager,
+    Workload,
+    check_plan,
+    component_demands,
+    converted_oom,
+    measure_component,
+    oom_advice,
+    vae_decode_choice,
+)
 from pyramid_core.schedules import PromptSchedule, is_schedule_text
 from pyramid_core.settings import PLACEMENTS
 
@@ -23,10 +39,22 @@ from . import comfy as host
 
 logger = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("auto", *PLACEMENTS)  # the widget lists auto first: it is the default
-GIB = 1024**3
-AUTO_HEADROOM = 1.5 * GIB  # kept free for activations when "auto" decides whether the DiT fits
+OFFLOAD_MODES = ("auto", *PLACEMENTS)  # pyramid_core's plan names; the widget lists auto (ComfyUI's loader) first
+STREAMED = ("block_swap", "sequential")  # run by pyramid_core's engine, after ComfyUI freed room for it
 FAMILY_KEY = "pyramidflow_family"  # LATENT dict key: which DiT family's latent factors apply
+
+
+def comfy_layers(compute: torch.dtype) -> dict[str, type]:
+    """The layer classes to build each component from inside ComfyUI (`load_components(operations=...)`): ComfyUI's
+    `comfy.ops` for the DiT (in the compute dtype) and the VAE (fp32 under fp16 compute, see
+    `pyramid_core.loading.component_dtypes`); empty standalone (pyramid_core's own layers). Our fp8 storage
+    replaces the DiT's Linears by `pyramid_core.precision.Fp8Linear` after loading: those ComfyUI loads whole."""
+    from pyramid_core.loading import component_dtypes
+
+    dtypes = component_dtypes(compute)
+    layers = {"dit": host.operations(dtypes.dit, dtypes.dit, host.torch_device()),
+              "vae": host.operations(dtypes.vae, dtypes.vae, host.vae_devices()[0])}
+    return {name: ops for name, ops in layers.items() if ops is not None}
 
 
 class ModelHolder(nn.Module):
@@ -50,7 +78,8 @@ class ManagedModel:
 
     @classmethod
     def wrap(cls, module: nn.Module, dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> "ManagedModel":
-        module.requires_grad_(False).eval().to(offload_device)
+        """Hand a model loaded on the host to ComfyUI (it moves the weights from then on)."""
+        module.requires_grad_(False).eval()
         return cls(host.make_patcher(ModelHolder(module, dtype), load_device, offload_device))
 
     @property
@@ -169,39 +198,27 @@ class PyramidFlowConditioning:
         return lambda unit: batches[(prompt.at(unit), negative.at(unit))]
 
 
-def resolve_offload(mode: str, model_bytes: int, device: torch.device) -> str:
-    """The concrete mode: `auto` is the whole model under ComfyUI when it fits, else pyramid_core's own
-    'auto' planner (which picks block swap or sequential streaming from the real sizes)."""
-    if mode not in OFFLOAD_MODES:
-        raise ValueError(f"unknown offload mode {mode!r}; choose one of {', '.join(OFFLOAD_MODES)}")
-    if mode != "auto" or device.type == "cpu":
-        return "none" if mode == "auto" else mode
-    total = host.total_memory(device)
-    return "none" if total == 0 or model_bytes + AUTO_HEADROOM <= total else "auto"
-
-
 class ComfyMemory:
-    """The memory plan object `PyramidFlowPipeline` runs under, going through ComfyUI's model management.
+    """The pipeline's memory policy inside ComfyUI (`pyramid_core.memory.MemoryPolicy`).
 
-    none (and auto when the DiT fits): `load_models_gpu` of the whole model, left loaded as ComfyUI does
-    with its own models; model: the same, unloaded after each use (the official cpu_offloading);
-    block_swap / sequential / auto that does not fit: the DiT streams through pyramid_core's planner
-    after ComfyUI freed room for it, and is back on the offload device when the block ends.
-    Implements the interface the pipeline calls: register, device, prepare, oom_guard, use,
-    vae_decode_settings, offload_all.
+    DiT placement by `offload`: auto = ComfyUI's loader decides (whole when it fits, else partially, or dynamic
+    VRAM); none = whole, left loaded as ComfyUI does with its own models; model = whole, unloaded after each
+    use (the official cpu_offloading); block_swap / sequential = pyramid_core's streaming engine, after ComfyUI
+    unloaded the DiT and freed its full demand. The VAE and the text encoder go through ComfyUI's loader
+    (unloaded after use under 'model'). Every load asks ComfyUI for the component's working memory for this
+    workload on top of its weights, so an idle text encoder is evicted before the DiT runs.
     """
 
-    def __init__(self, parts: dict[str, ManagedModel | None], offload: str = "auto", *,
-                 memory_required: int = 0, vram_budget_gb: float = 0.0, resident_blocks: int = 0):
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+    def __init__(self, parts: Mapping[str, ManagedModel | None], offload: str = "auto", *,
+                 vram_budget_gb: float = 0.0, resident_blocks: int = 0):
+        check_plan(offload)
         self.parts = {k: v for k, v in parts.items() if v is not None}
         self.offload = offload
-        self.memory_required = memory_required
         self.vram_budget_gb = vram_budget_gb
         self.resident_blocks = resident_blocks
         self.device = host.torch_device()
-        self._workload: tuple | None = None
+        self.workload = Workload()
+        self._decode: tuple[int, int] | None = None  # the (window, tile) last chosen for a decode
 
     def register(self, name: str, module: nn.Module | None) -> None:
         """Called by the pipeline; the modules must be the managed ones."""
@@ -210,82 +227,92 @@ class ComfyMemory:
             raise ValueError(f"{name} is not managed by this plan")
 
     def prepare(self, width: int | None = None, height: int | None = None, temp: int | None = None, *,
-                cfg: bool = True, dtype: torch.dtype | None = None) -> None:
-        """Remember the generation size; a streaming planner sizes itself from it."""
-        self._workload = (width, height, temp, cfg, dtype)
+                cfg: bool = True, dtype: torch.dtype | None = None) -> Workload:
+        """Remember the generation's workload (what the estimates are for)."""
+        self.workload = Workload.for_generation(width or self.workload.width, height or self.workload.height,
+                                                temp or self.workload.temp, cfg, dtype)
+        return self.workload
 
-    @contextlib.contextmanager
-    def oom_guard(self, phase: str) -> Iterator[None]:
-        """Out of GPU memory: say which setting helps (ComfyUI shows the message)."""
-        try:
-            yield
-        except Exception as exc:
-            if not _is_oom(exc):
-                raise
-            raise RuntimeError(
-                f"out of GPU memory while {phase}: set the model loader's offload to block_swap (or sequential, "
-                f"the least VRAM) with a vram_budget_gb below your card's size, or use a smaller width/height/temp"
-            ) from exc
+    def placement(self, name: str) -> str:
+        """The mode `name` runs under: the DiT's as set; the others ComfyUI's loader ('model': unloaded after use)."""
+        if name == "dit":
+            return self.offload
+        return "model" if self.offload == "model" else "auto"
 
-    def vae_decode_settings(self, save_memory: bool = True) -> tuple[int, int]:
-        """(temporal window, tile size) of a decode: the official pairs."""
-        return (1, 256) if save_memory else (2, 512)
+    def working_memory(self, name: str) -> int:
+        """Device memory `name` needs besides its weights for this workload (pyramid_core's own estimate)."""
+        module = self.parts[name].module
+        decode = getattr(module, "decode_working_memory_bytes", None)
+        if decode is not None and self._decode is not None:
+            return int(decode(self.workload, *self._decode))
+        return component_demands({name: module}, self.workload)[name].activation
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[nn.Module]:
-        """The model on its load device for the block."""
+        """The component on its load device for the block, placed by ComfyUI (or streamed, see the class)."""
         managed = self.parts[name]
-        if name == "dit":
-            mode = resolve_offload(self.offload, managed.size_bytes(), self.device)
-        else:
-            mode = "model" if self.offload == "model" else "none"
-        if mode not in ("none", "model"):
+        mode = self.placement(name)
+        if mode in STREAMED:
             with self._streamed(name, managed, mode) as module:
                 yield module
             return
-        host.load_models([managed.patcher], memory_required=self.memory_required if name == "dit" else 0,
-                         force_full_load=True)  # plain torch layers: ComfyUI's partial loading would skip them
+        host.load_models([managed.patcher], memory_required=self.working_memory(name), force_full_load=mode != "auto")
         try:
             yield managed.module
         finally:
-            if mode == "model":  # one component on the GPU at a time
+            if mode == "model":  # one component on the device at a time
                 host.unload_model(managed.patcher)
 
     @contextlib.contextmanager
     def _streamed(self, name: str, managed: ManagedModel, mode: str) -> Iterator[nn.Module]:
-        from pyramid_core.memory import MemoryManager
-
-        host.unload_model(managed.patcher)  # ComfyUI's copy goes to the offload device first
+        host.unload_model(managed.patcher)  # ComfyUI's copy off the device first: the engine owns it meanwhile
+        demand = component_demands({name: managed.module}, self.workload)[name]
         budget = self.vram_budget_gb or None
-        host.free_memory(max(int((budget or 0) * GIB), self.memory_required), self.device)
-        planner = MemoryManager(plan=mode, device=self.device, offload_device=managed.patcher.offload_device,
-                                budget_gb=budget, resident_blocks=self.resident_blocks or None)
-        planner.register(name, managed.module)
+        host.free_memory(max(int((budget or 0) * GiB), demand.sizes.total + demand.activation), self.device)
+        engine = MemoryManager(plan=mode, device=self.device, offload_device=managed.patcher.offload_device,
+                               budget_gb=budget, resident_blocks=self.resident_blocks or None)
+        engine.register(name, managed.module)
         try:
-            if self._workload is not None:
-                width, height, temp, cfg, dtype = self._workload
-                planner.prepare(width, height, temp, cfg=cfg, dtype=dtype)
-            with planner.use(name) as module:
+            engine.prepare(self.workload.width, self.workload.height, self.workload.temp, cfg=self.workload.cfg,
+                           dtype=torch.float32 if self.workload.act_bytes == 4 else torch.bfloat16)
+            with engine.use(name) as module:
                 yield module
         finally:
-            planner.close()  # weights back on the offload device, hooks removed: nothing hidden stays on the GPU
+            engine.close()  # weights back on the offload device, hooks removed: nothing hidden stays on the GPU
             host.soft_empty_cache()
+
+    @contextlib.contextmanager
+    def oom_guard(self, phase: str) -> Iterator[None]:
+        """A device OOM inside the block reaches ComfyUI as torch's OOM type (so it unloads its models and shows
+        its OOM help), carrying pyramid_core's advice on the loader settings to change."""
+        with converted_oom(lambda failure: self.oom_message(phase, failure)):
+            yield
+
+    def oom_message(self, phase: str, failure: str) -> str:
+        modules = {name: managed.module for name, managed in self.parts.items()}
+        budget = int(self.vram_budget_gb * GiB) if self.vram_budget_gb else host.total_memory(self.device) or None
+        margin = int(DEFAULT_MARGIN_GB * GiB)
+        advice = oom_advice(self.offload, component_demands(modules, self.workload),
+                            None if budget is None else budget - margin, self.workload, margin=margin,
+                            budget_name="vram_budget_gb")
+        return (f"out of device memory while {phase} with offload={self.offload!r} at {self.workload.describe()}. "
+                f"{advice} [{failure[:200]}]")
+
+    def vae_decode_settings(self, save_memory: bool = True) -> tuple[int, int]:
+        """(window, tile) of a decode: the official pair when it fits the device with the VAE's weights (ComfyUI
+        evicts what it must when the VAE loads), else the largest smaller one (pyramid_core's rule)."""
+        vae = self.parts.get("vae")
+        total = host.total_memory(self.device) if self.device.type != "cpu" else 0
+        if self.vram_budget_gb:
+            total = min(total, int(self.vram_budget_gb * GiB)) if total else int(self.vram_budget_gb * GiB)
+        estimate = getattr(vae.module, "decode_working_memory_bytes", None) if vae is not None else None
+        if not total or estimate is None:
+            self._decode = vae_decode_choice(None, None, save_memory)
+        else:
+            available = total - int(DEFAULT_MARGIN_GB * GiB) - measure_component(vae.module).total
+            self._decode = vae_decode_choice(estimate, available, save_memory, self.workload)
+        return self._decode
 
     def offload_all(self) -> None:
         for managed in self.parts.values():
             host.unload_model(managed.patcher)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    from pyramid_core.memory import is_device_oom
-
-    return is_device_oom(exc)
-
-
-def inference_bytes(width: int, height: int, temp: int, dtype: torch.dtype) -> int:
-    """Rough activation memory of one DiT call at the longest history (for `load_models_gpu`)."""
-    per_frame = (height // 16) * (width // 16)  # tokens after VAE /8 and patch /2
-    # current + previous frame at full size, older frames at 1/16, text; CFG doubles the batch
-    tokens = per_frame * 2.5 + per_frame / 16 * temp + 128
-    hidden_width, activations_per_token = 2048, 24
-    return int(2 * tokens * hidden_width * activations_per_token * torch.empty((), dtype=dtype).element_size())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from pyramid_core.latent_rgb import LatentRGB
 from pyramid_core.pipeline import PyramidFlowPipeline
 from pyramid_core.settings import DEFAULT_VARIANT, DEFAULTS, FAMILIES, FPS, SIZE_MULTIPLE, VARIANTS
 from pyramid_core.validation import (
@@ -10,8 +11,8 @@ from pyramid_core.validation import (
 )
 
 from . import comfy as host
-from .managed import FAMILY_KEY, ComfyMemory, PyramidFlowConditioning, PyramidFlowModel, PyramidFlowVAE, inference_bytes
-from .preview import latent_preview
+from .managed import FAMILY_KEY, ComfyMemory, PyramidFlowConditioning, PyramidFlowModel, PyramidFlowVAE
+from .preview import latent_preview, preview_map
 
 CATEGORY = "PyramidFlow"
 SEED_MAX = DEFAULTS.seed_limit - 1
@@ -87,8 +88,8 @@ class PyramidFlowCoreSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("PYRAMIDFLOW_MODEL",),
-                "conditioning": ("PYRAMIDFLOW_CONDITIONING",),
+                "model": ("PYRAMIDFLOW_MODEL", {"tooltip": "the DiT from the Pyramid Flow model loader"}),
+                "conditioning": ("PYRAMIDFLOW_CONDITIONING", {"tooltip": "prompt and negative prompt from Pyramid Flow Text Encode (same model family)"}),
                 "width": ("INT", {"default": VARIANTS[DEFAULT_VARIANT].width, "min": SIZE_MULTIPLE, "max": MAX_SIDE,
                           "step": SIZE_MULTIPLE, "tooltip": f"multiple of 64; {_sizes('width')}"}),
                 "height": ("INT", {"default": VARIANTS[DEFAULT_VARIANT].height, "min": SIZE_MULTIPLE, "max": MAX_SIDE,
@@ -107,11 +108,14 @@ class PyramidFlowCoreSampler:
                                    "tooltip": "first-frame CFG (0 turns CFG off); 7 for 384p, 7-9 for 768p"}),
                 "video_guidance_scale": ("FLOAT", {"default": DEFAULTS.video_guidance, "min": 0.0, "max": 30.0, "step": 0.1,
                                          "tooltip": f"CFG of later frames: higher = more motion; {DEFAULTS.i2v_video_guidance:g} for image-to-video"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX,
+                         "tooltip": "the same seed and settings give the same video"}),
             },
             "optional": {
                 "start_image": ("IMAGE", {"tooltip": "image-to-video: the first frame (scaled to cover and centre-cropped)"}),
-                "vae": ("PYRAMIDFLOW_VAE", {"tooltip": "needed with start_image"}),
+                "vae": ("PYRAMIDFLOW_VAE", {"tooltip": (
+                    "needed with start_image; also colours the sampling previews (a model from an official folder "
+                    "previews in colour without it)")}),
                 "start_latent": ("LATENT", {"tooltip": "image-to-video from a Pyramid Flow VAE Encode latent (instead of start_image)"}),
                 "history": ("LATENT", {"tooltip": (
                     "continue this clip by temp latent frames: a Pyramid Flow Sampler's samples, or a video through "
@@ -161,13 +165,14 @@ class PyramidFlowCoreSampler:
 
         memory = ComfyMemory(
             {"dit": model.dit, "vae": vae.vae if vae is not None else None}, model.offload,
-            memory_required=inference_bytes(width, height, total, model.dtype),
             vram_budget_gb=model.vram_budget_gb, resident_blocks=model.resident_blocks,
         )
         pipe = PyramidFlowPipeline(model.dit.module, vae.vae.module if vae is not None else None, None,
                                    model.family, model.variant, model.dtype, memory)
         new_video_units = temp if clip is not None else temp - 1
-        progress = _Progress(new_video_units * sum(video) + (0 if i2v or clip is not None else sum(first)))
+        rgb = preview_map(model, vae) if host.previews_enabled() else None  # fitted before the DiT runs
+        progress = _Progress(new_video_units * sum(video) + (0 if i2v or clip is not None else sum(first)), rgb,
+                             model.family)
         common = dict(
             temp=temp, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale, output_type="latent",
             seed=int(seed), prompt_embeds=text, step_callback=progress.step, unit_callback=progress.unit,
@@ -192,9 +197,10 @@ class PyramidFlowCoreSampler:
 class _Progress:
     """One progress bar over every step of every unit and stage; Cancel is checked after each step."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, rgb: LatentRGB | None = None, family: str = "flux"):
         self.bar = host.progress_bar(total)
         self.total, self.completed = total, 0
+        self.rgb, self.family = rgb, family  # the latent->RGB map of previews (None: channel stretch)
 
     def step(self, info) -> None:
         self.completed, self.total = info.completed, info.total
@@ -202,5 +208,6 @@ class _Progress:
         host.check_interrupt()  # after the update: a Cancel that arrived during this step stops before the next
 
     def unit(self, unit: int, num_units: int, latent: torch.Tensor) -> None:
-        if host.previews_enabled():
-            self.bar.update_absolute(self.completed, self.total, host.preview_payload(latent_preview(latent)))
+        if host.previews_enabled():  # the newest latent frame; unit 0 is a clip's first frame (image normalisation)
+            image = latent_preview(latent, self.rgb, self.family, first_frame=unit == 0)
+            self.bar.update_absolute(self.completed, self.total, host.preview_payload(image))

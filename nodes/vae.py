@@ -30,8 +30,8 @@ class PyramidFlowCoreVAEDecode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae": ("PYRAMIDFLOW_VAE",),
-                "samples": ("LATENT",),
+                "vae": ("PYRAMIDFLOW_VAE", {"tooltip": "the model loader's vae output, or the Pyramid Flow VAE loader"}),
+                "samples": ("LATENT", {"tooltip": "Pyramid Flow latents from the sampler or Pyramid Flow VAE Encode"}),
                 "tiling": (list(TILING), {"default": "auto",
                            "tooltip": "spatial tiles (auto = on, as official: only frames larger than a tile are split)"}),
                 "chunking": (list(CHUNKING), {"default": "auto",
@@ -74,7 +74,10 @@ class PyramidFlowCoreVAEEncode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("PYRAMIDFLOW_VAE",), "image": ("IMAGE",)}}
+        return {"required": {
+            "vae": ("PYRAMIDFLOW_VAE", {"tooltip": "the model loader's vae output, or the Pyramid Flow VAE loader"}),
+            "image": ("IMAGE", {"tooltip": "one image (a start frame) or 8k+1 video frames; sides multiples of 64"}),
+        }}
 
     def encode(self, vae: PyramidFlowVAE, image: torch.Tensor):
         if image.ndim != 4 or image.shape[-1] not in (3, 4):

@@ -21,7 +21,7 @@ DecodeProgress = Callable[[int, int], None]
 
 
 class VaeMemory(Protocol):
-    """What the codec needs from a memory plan (`MemoryManager`, or `ComfyMemory` in the nodes)."""
+    """What the codec needs of a `pyramid_core.memory.MemoryPolicy` (`MemoryManager`, or the nodes' adapter)."""
 
     device: torch.device
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from .codec import FRAME_TYPES, DecodeProgress, LatentCodec
 from .images import prepare_image
-from .memory import MemoryManager, default_device
+from .memory import MemoryManager, MemoryPolicy, default_device
 from .models.layers import host_to_device
 from .sampling import PyramidSampler, RandomStreams, StepCallback, TextSource, UnitCallback, linear_guidance_scales
 from .schedules import PromptSchedule, ScheduleSource, is_schedule_text
@@ -23,6 +23,9 @@ from .text import DEFAULT_NEGATIVE_PROMPT, PyramidTextEncoder, TextEmbeddingCach
 from .settings import DEFAULT_VARIANT
 from .validation import check_guidance, check_resolution, check_seed, check_steps, check_temp
 
+if TYPE_CHECKING:
+    from .parallel import ParallelGroups
+
 OUTPUT_TYPES = ("latent", *FRAME_TYPES)
 LATENT_CHANNELS = 16
 VAE_DOWNSAMPLE = 8
@@ -30,7 +33,11 @@ VAE_DOWNSAMPLE = 8
 
 @dataclass
 class PyramidFlowPipeline:
-    """Text-to-video, image-to-video and text-to-image with Pyramid Flow."""
+    """Text-to-video, image-to-video and text-to-image with Pyramid Flow.
+
+    `parallel`: this process's groups in a multi-process run (`pyramid_core.parallel`): the DiT runs its shard of
+    the tokens, CFG branches split over rank pairs, rank 0 encodes the text for everyone. None: one process.
+    """
 
     dit: torch.nn.Module
     vae: torch.nn.Module | None
@@ -38,15 +45,20 @@ class PyramidFlowPipeline:
     family: str
     variant: str
     dtype: torch.dtype = torch.bfloat16
-    memory: MemoryManager = field(default_factory=MemoryManager)
+    memory: MemoryPolicy = field(default_factory=MemoryManager)
     scheduler: PyramidFlowScheduler = field(default_factory=PyramidFlowScheduler)
     text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)
+    parallel: ParallelGroups | None = None
     codec: LatentCodec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("text_encoder", "dit", "vae"):
             self.memory.register(name, getattr(self, name))
         self.codec = LatentCodec(self.memory, self.family, has_vae=self.vae is not None)
+        if self.parallel is not None and self.parallel.sequence is not None:
+            from .models.dit import configure_dit
+
+            configure_dit(self.dit, sequence_parallel=self.parallel.sequence)
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +82,7 @@ class PyramidFlowPipeline:
         fp8: str | None = None,
         attention_backend: str = "sdpa",
         compile_blocks: bool = False,
+        parallel: ParallelGroups | None = None,
     ) -> "PyramidFlowPipeline":
         """Load an official model folder (rain1011/pyramid-flow-miniflux or -sd3 layout), or single files given
         as component -> path ({"dit": file, "vae": file, "text_encoder": folder}), with `load_components`.
@@ -82,7 +95,8 @@ class PyramidFlowPipeline:
         VAE's and text encoders' dtypes follow from it (`pyramid_core.loading.component_dtypes`).
         `fp8`: store the DiT's Linear weights as float8 with per-'row' or per-'tensor' scales (Kijai's fp8
         files are kept in fp8 either way). `attention_backend`: 'sdpa', 'sage' or 'flash' (when installed).
-        `compile_blocks`: torch.compile each transformer block.
+        `compile_blocks`: torch.compile each transformer block. `parallel`: the groups of a multi-process run
+        (`pyramid_core.parallel.ParallelGroups`; ranks other than 0 may skip the text encoder).
         """
         from .loading import load_components, resolve_model_folder
 
@@ -96,7 +110,8 @@ class PyramidFlowPipeline:
             budget_gb=budget_gb, resident_blocks=resident_blocks, prefetch=prefetch,
         )
         vae = parts.vae.model if parts.vae is not None else None
-        return cls(parts.dit.model, vae, parts.text_encoder, parts.family, parts.variant, dtype, memory)
+        return cls(parts.dit.model, vae, parts.text_encoder, parts.family, parts.variant, dtype, memory,
+                   parallel=parallel)
 
     # ------------------------------------------------------------------ text
     def encode_prompt(
@@ -122,7 +137,10 @@ class PyramidFlowPipeline:
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("give a prompt (or precomputed prompt_embeds)")
-            prompt_embeds = self.encode_prompt(prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg)
+            def encode() -> TextEmbeddings:
+                return self.encode_prompt(prompt, negative_prompt, add_suffix=add_suffix, do_cfg=do_cfg)
+
+            prompt_embeds = encode() if self.parallel is None else self.parallel.share(encode)  # rank 0 encodes
         expected = 2 if do_cfg else 1
         if prompt_embeds.batch_size != expected:
             raise ValueError(
@@ -260,6 +278,8 @@ class PyramidFlowPipeline:
         noise = self._initial_noise(temp, height, width, streams.noise)[:, :, : temp - 1]  # official: frames 0..T-2
         if image_latent is None:
             image_latent = self.encode_image(pixels, generator=streams.global_)
+        if self.parallel is not None:  # every rank drew the same; rank 0's latent makes them bit-equal
+            image_latent = self._from_first(image_latent)
         unit_guidance = (
             linear_guidance_scales(guidance_scale, min_guidance_scale, alpha, temp + 1) if use_linear_guidance else None
         )
@@ -323,6 +343,8 @@ class PyramidFlowPipeline:
         self.memory.prepare(width, height, total, cfg=do_cfg, dtype=self.dtype)
         text = self._unit_texts(prompt, negative_prompt, prompt_embeds, add_prompt_suffix, do_cfg, total)
         noise = self._noise(noise, temp, height, width, streams.noise)
+        if self.parallel is not None:  # a clip encoded on each rank: rank 0's everywhere
+            latents = self._from_first(latents)
         clip = self._sample(
             noise, text, streams, (step_callback, unit_callback, callback), first_frame_steps=steps,
             video_steps=steps, guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
@@ -406,8 +428,14 @@ class PyramidFlowPipeline:
             sampler = PyramidSampler(
                 dit, self.scheduler, self.device, self.dtype, block_noise_generator=streams.global_,
                 step_callback=step_callback, unit_callback=unit_callback, unit_start_callback=unit_start_callback,
+                cfg_parallel=self.parallel.cfg if self.parallel is not None else None,
             )
             return sampler.sample(noise, text, **settings)
+
+    def _from_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's copy of a tensor every rank computed, on this rank's device (the caller's tensor is left as is)."""
+        own = host_to_device(tensor, self.device).clone(memory_format=torch.contiguous_format)
+        return self.parallel.broadcast(own)
 
     def _output(self, latents: torch.Tensor, output_type: str, save_memory: bool, tiling: bool,
                 progress: DecodeProgress | None):

@@ -15,7 +15,7 @@ All numerics follow the official implementation; see the scheduler module for th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -31,6 +31,9 @@ from .scheduler import (
     sample_block_noise,
 )
 from .text import TextEmbeddings
+
+if TYPE_CHECKING:
+    from .parallel.guidance import CfgParallel
 
 NUM_STAGES = 3
 
@@ -141,6 +144,8 @@ class PyramidSampler:
 
     `block_noise_generator`: None draws the stage-jump noise from the CPU global RNG (official);
     a CPU torch.Generator makes the run independent of global RNG state.
+    `cfg_parallel`: with guidance on, this process runs the DiT on one branch of the CFG batch and gets the
+    other branch's velocity from its partner rank (`pyramid_core.parallel`); None: both branches here.
     """
 
     dit: Callable[..., torch.Tensor]
@@ -151,6 +156,7 @@ class PyramidSampler:
     step_callback: StepCallback | None = None
     unit_callback: UnitCallback | None = None
     unit_start_callback: Callable[[int, int], None] | None = None  # official `callback(unit, num_units)`
+    cfg_parallel: CfgParallel | None = None
 
     def denoise_unit(
         self,
@@ -169,15 +175,19 @@ class PyramidSampler:
         """
         if text_mask is None:
             text_mask = HostTextMask.from_mask(text.attention_mask)
+        split = self.cfg_parallel if do_cfg else None  # CFG-parallel: this rank's branch only
+        if split is not None:
+            text, text_mask = split.branch_text(text, text_mask)
+        doubled = do_cfg and split is None
         x = noise
         outputs = []
         for stage in range(NUM_STAGES):
             schedule = self.scheduler.stage_schedule(int(steps[stage]), stage)
             if stage > 0:
                 x = self._stage_jump(x, stage)
-            clips = [torch.cat([clip, clip]) if do_cfg else clip for clip in history[stage]]
+            clips = [torch.cat([clip, clip]) if doubled else clip for clip in history[stage]]
             for step in schedule:
-                model_input = torch.cat([x, x]) if do_cfg else x
+                model_input = torch.cat([x, x]) if doubled else x
                 # scalars stay on the host (Python floats): no copy to the device and no sync per step
                 timestep = torch.full(
                     (model_input.shape[0],), model_timestep(step.timestep, model_input.dtype),
@@ -187,6 +197,8 @@ class PyramidSampler:
                     clips + [model_input], timestep, text.prompt_embeds, text_mask, text.pooled
                 )
                 if do_cfg:
+                    if split is not None:
+                        velocity = split.gather(velocity)  # [negative; positive], the same on both ranks
                     velocity = guided_velocity(velocity, guidance_scale)
                 x = euler_update(x, velocity, euler_delta(step.sigma, step.sigma_next, velocity.dtype))
                 progress.advance(stage, step.index, len(schedule))

@@ -14,7 +14,9 @@ __all__ = [
     "ATTENTION_CHOICES",
     "ATTENTION_KERNELS",
     "ATTENTION_MODES",
+    "CFG_PARALLEL_CHOICES",
     "COMPUTE_DTYPES",
+    "DIST_TIMEOUT_S",
     "DEFAULTS",
     "DEFAULT_VARIANT",
     "DTYPE_NAMES",
@@ -203,6 +205,12 @@ PLAN_HELP: Mapping[str, str] = MappingProxyType({
 ATTENTION_MODES = ("segmented", "masked", "flex")
 ATTENTION_KERNELS = ("sdpa", "sage", "flash")  # kernels of the segmented path (sage/flash: their pip package)
 ATTENTION_CHOICES = (*ATTENTION_KERNELS, "flex")  # the CLI's --attention: a segmented-path kernel, or flex
+
+# --------------------------------------------------------------------------------------------
+# several processes (torchrun): world size = CFG-parallel degree x sequence-parallel degree
+
+CFG_PARALLEL_CHOICES = ("auto", "1", "2")  # --cfg-parallel; auto: 2 when guidance is on and the world size is even
+DIST_TIMEOUT_S = 900.0  # --dist-timeout: seconds a collective waits for the other ranks before failing
 
 # --------------------------------------------------------------------------------------------
 # outputs and generation defaults

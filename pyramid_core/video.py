@@ -8,12 +8,13 @@ failures raise :class:`~pyramid_core.outputs.WriteError` naming the path, the re
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ def write_video(
     quality: int = 80,
     overwrite: bool = False,
     callback: Callable[[int], None] | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> Path:
     """Encode RGB frames to ``path`` and return the path actually written.
 
@@ -60,8 +62,12 @@ def write_video(
     an exception from it (or from ``frames``) cancels the write and leaves no file behind. OS and encoder
     failures (disk full, permissions, read-only disk) raise :class:`WriteError`, e.g. ``cannot write /x/out.mp4:
     no space left on device; free some space or choose another output folder``, with the original as ``__cause__``.
+    ``metadata``: container tags (mp4 and webm; webp and gif carry none), e.g. ComfyUI's ``prompt`` and
+    ``workflow``: strings as they are, other values as JSON, as ComfyUI's SaveVideo writes them (mp4 with
+    ``movflags use_metadata_tags``, so any key survives).
     """
     target, fmt = _resolve_target(path, format)
+    tags = _tags(metadata)
     rate = _frame_rate(fps)
     if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 0 <= quality <= 100:
         raise ValueError(f"quality must be an integer in 0..100, got {quality!r}")
@@ -75,7 +81,7 @@ def write_video(
 
     def encode(tmp: Path) -> None:
         if _pyav_can_write(fmt):
-            _write_pyav(stream, tmp, fmt, rate, int(quality), first.shape, callback)
+            _write_pyav(stream, tmp, fmt, rate, int(quality), first.shape, callback, tags)
         elif fmt in ("webp", "gif"):
             logger.warning("PyAV here cannot write %s (no %s encoder/muxer); using Pillow, which keeps all frames in memory",
                            fmt, _PYAV_ENCODER[fmt])
@@ -145,6 +151,15 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     if not frames:
         raise ValueError(f"{source} holds no frames")
     return torch.from_numpy(np.stack(frames)), fps
+
+
+def _tags(metadata: Mapping[str, object] | None) -> dict[str, str]:
+    """Container tags: strings kept, anything else as JSON (ComfyUI's convention for prompt and workflow)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a mapping of tag names to values, got {type(metadata).__name__}")
+    return {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
 
 
 def _resolve_target(path: str | os.PathLike, format: str | None) -> tuple[Path, str]:
@@ -253,19 +268,23 @@ def _pyav_can_write(fmt: str) -> bool:
 class _PyavEncoder:
     """One open PyAV container: `add` encodes frames as they come, `finish` flushes and writes the trailer."""
 
-    def __init__(self, path: Path, fmt: str, rate: Fraction, quality: int, shape: tuple[int, ...]):
+    def __init__(self, path: Path, fmt: str, rate: Fraction, quality: int, shape: tuple[int, ...],
+                 tags: Mapping[str, str] | None = None):
         import av
 
         height, width = shape[0], shape[1]
         options: dict[str, str] = {}
         if fmt == "mp4":
-            options["movflags"] = "+faststart"  # index first: plays while downloading
+            # index first (plays while downloading); custom tags (ComfyUI's prompt/workflow) need use_metadata_tags
+            options["movflags"] = "+faststart+use_metadata_tags" if tags else "+faststart"
             height, width = height + height % 2, width + width % 2
         elif fmt in ("webp", "gif"):
             options["loop"] = "0"  # loop forever, like an image preview
         self.fmt, self.written = fmt, 0
         self.container = av.open(str(path), mode="w", format=fmt, options=options)
         try:
+            if tags and fmt in ("mp4", "webm"):
+                self.container.metadata.update(tags)  # before any stream, as ComfyUI does
             self.stream = self.container.add_stream(_PYAV_ENCODER[fmt], rate=rate)
             self.stream.width, self.stream.height = width, height
             self.to_frame = _frame_converter(fmt, self.stream, quality)
@@ -298,8 +317,9 @@ def _write_pyav(
     quality: int,
     shape: tuple[int, ...],
     callback: Callable[[int], None] | None,
+    tags: Mapping[str, str] | None = None,
 ) -> None:
-    encoder = _PyavEncoder(path, fmt, rate, quality, shape)
+    encoder = _PyavEncoder(path, fmt, rate, quality, shape, tags)
     try:
         for frame in frames:
             encoder.add(frame)
@@ -327,8 +347,9 @@ class VideoSink:
     """
 
     def __init__(self, path: str | os.PathLike, *, fps: float = 24, format: str | None = None, quality: int = 80,
-                 overwrite: bool = False):
+                 overwrite: bool = False, metadata: Mapping[str, object] | None = None):
         self.target, self.fmt = _resolve_target(path, format)
+        self.tags = _tags(metadata)  # container tags, as write_video writes them
         if not _pyav_can_write(self.fmt):
             raise ValueError(f"writing {self.fmt} while generating needs PyAV's {_PYAV_ENCODER[self.fmt]} encoder, "
                              "which this install lacks; write mp4 or webm")
@@ -343,7 +364,7 @@ class VideoSink:
         try:
             for frame in _frames(frames):
                 if self.encoder is None:
-                    self.encoder = _PyavEncoder(self.tmp, self.fmt, self.rate, self.quality, frame.shape)
+                    self.encoder = _PyavEncoder(self.tmp, self.fmt, self.rate, self.quality, frame.shape, self.tags)
                 self.encoder.add(frame)
         except BaseException as exc:
             self.abort()

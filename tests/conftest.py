@@ -40,3 +40,28 @@ def unwritable_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", refusing_open)
     yield folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A ComfyUI base folder for one test module: the tiny fixture models, an input image."""
+    from tests.helpers import make_base
+
+    return make_base(tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture
+def comfy(base):
+    """The ComfyUI double active for one test (no progress hook, no updates recorded yet); yields
+    `comfy.model_management`."""
+    from tests import comfy_double
+
+    comfy_double.install(base)
+    import comfy.model_management as mm
+    import comfy.utils as utils
+
+    utils.UPDATES.clear()
+    utils.set_progress_bar_global_hook(None)
+    yield mm
+    utils.set_progress_bar_global_hook(None)
+    comfy_double.uninstall()

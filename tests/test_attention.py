@@ -83,6 +83,33 @@ def test_every_path_matches_the_dense_mask_on_every_token(name, path):
     assert (out - masked_attention(q, k, v, layout)).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("mode", ["segmented", "masked"])
+def test_query_tail_gives_the_last_tokens_of_the_full_attention(name, mode):
+    """The last block's queries: only the current clip's (a tail inside the video, from mid-frame too)."""
+    layout, (q, k, v) = make(name, torch.float64)
+    spec = AttentionSpec(layout, torch.float64, torch.float64, mode=mode)
+    full = joint_attention(q, k, v, spec)
+    current = layout.segments[-1][1] - layout.segments[-1][0]
+    for tail in (current, 3, layout.num_video_tokens):
+        out = joint_attention(q[:, :, q.shape[2] - tail :], k, v, spec)
+        expected = full[:, :, full.shape[2] - tail :]
+        assert out.shape == expected.shape
+        if tail == current and len(layout.segments) > 1:  # the same calls as the full path: bit for bit
+            assert mode == "masked" or torch.equal(out, expected)
+        assert (out - expected).abs().max() < 1e-12, tail
+    with pytest.raises(ValueError, match="video part"):
+        segmented_attention(q[:, :, 1:], k, v, layout)
+
+
+def test_flex_takes_the_queries_of_every_token():
+    layout, (q, k, v) = make("prefix")
+    spec = AttentionSpec(layout, torch.float32, torch.float32, mode="flex")
+    assert not spec.takes_query_tail
+    with pytest.raises(ValueError, match="takes the queries of every token"):
+        joint_attention(q[:, :, -3:], k, v, spec)
+
+
 def test_runs_batch_small_segments_and_build_each_mask_once():
     assert segment_runs([9, 4, 4, 8, 3], 12) == [(0, 0), (1, 2), (3, 4)]
     assert segment_runs([9, 4, 4, 8, 3], 0) == [(i, i) for i in range(5)]

@@ -35,7 +35,7 @@ def test_report_on_disk_has_every_section(report):
     assert data["sections"]["dit"]["rows"] == on_disk["sections"]["dit"]["rows"]
 
 
-def test_dit_segmented_masked_and_flash_agree(report):
+def test_dit_segmented_flex_masked_and_flash_agree(report):
     rows = report[0]["sections"]["dit"]["rows"]
     assert [(r["resolution"], r["stage"]) for r in rows] == [("768p", 2), ("768p", 1), ("384p", 2), ("384p", 1)]
     for row in rows:
@@ -45,6 +45,7 @@ def test_dit_segmented_masked_and_flash_agree(report):
         assert row["segmented"]["kernels"] == g.NA and row["masked"]["syncs"] == g.NA
         assert row["masked_vs_segmented"]["rel_l2"] < 1e-4
         assert row["flash_vs_segmented"]["rel_l2"] < 1e-4
+        assert row["flex_vs_segmented"]["rel_l2"] < 1e-4
 
 
 def test_every_plan_samples_the_latents_of_none(report):

@@ -260,3 +260,15 @@ def test_every_phase_reports_and_auto_shows_its_plan(tmp_path, capsys):
     code, log = run_cli(["generate", "--model", MODEL, "--prompt", PROMPT, *SMALL, "--out", tmp_path / "y.mp4"])
     assert code == 0 and "memory plan" not in log and "encoding the prompt" not in log
     assert capsys.readouterr().err == "" and log.startswith("wrote ")  # --quiet: the summary only
+
+
+def test_requirements_txt_lists_the_package_dependencies_but_torch():
+    """ComfyUI-Manager installs requirements.txt: the pyproject dependencies, without torch (never reinstalled)."""
+    import tomllib
+
+    from tests.reference import REPO_ROOT
+
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [line.strip() for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()]
+    listed = [line for line in lines if line and not line.startswith("#")]
+    assert listed == [d for d in declared if not d.startswith("torch")]

@@ -16,6 +16,7 @@ from pyramid_core.latent_format import (
     latent_factors,
     normalize_latents,
 )
+from pyramid_core.models import operations
 from pyramid_core.models import vae_blocks as vae_module  # owns NORM_SLICE_ELEMENTS (monkeypatched below)
 from pyramid_core.models.vae import CausalVideoVAE
 from tests.reference import FIXTURES, assert_frames_match, assert_matches, case, case_ids, model_dir, tensors
@@ -213,3 +214,25 @@ def test_frame_conversions():
     assert fl.dtype == torch.float32 and fl[:, 0, 0, 0].tolist() == pytest.approx([0, 0, 0.4, 0.5, 0.5015, 1, 1])
     video = torch.arange(2 * 3 * 2 * 1 * 1, dtype=torch.float32).view(2, 3, 2, 1, 1) / 12
     assert torch.equal(frames_to_float(video)[3, 0, 0], (video[1, :, 1, 0, 0] / 2 + 0.5).clamp(0, 1))
+
+
+@pytest.mark.parametrize("channels, stride", [(8, (1, 1, 1)), (16, (2, 2, 2))])
+def test_conv3d_runs_onednn_on_narrow_cpu_layers(monkeypatch, channels, stride):
+    """Narrow fp32 layers (torch alone would pick the im2col path) call oneDNN and equal ATen's result."""
+    torch.manual_seed(0)
+    conv = operations.Conv3d(channels, 8, 3, stride=stride)
+    x = torch.randn(1, channels, 5, 34, 30)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    with torch.no_grad():
+        reference = conv(x)  # ATen's own convolution: the module respects mkldnn being switched off
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    calls = []
+    onednn = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(a[0].shape) or onednn(*a))
+    with torch.no_grad():
+        out = conv(x)
+    assert calls == [x.shape]
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        conv.to(torch.bfloat16)(x.bfloat16())  # other dtypes keep torch's own choice
+    assert len(calls) == 1

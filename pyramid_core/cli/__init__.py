@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 EXIT_USAGE = 2  # bad input or an OS-level failure: the message names the fix
-EXIT_FAILED = 1  # out of device memory
+EXIT_FAILED = 1  # out of device memory, or another rank of a multi-process run failed
 EXIT_CANCELLED = 130  # the shell convention for "stopped by Ctrl-C"
 TRACEBACK_ENV = "PYRAMID_CORE_TRACEBACK"
 
@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None, log: TextIO | None = None) -> int:
     with warnings.catch_warnings(), _stop_signals_interrupt():
         warnings.showwarning = _show_warning
         warnings.simplefilter("default")  # each distinct warning once
+        if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for all (errors still print)
+            warnings.simplefilter("ignore")
         try:
             _run(args, log)
         except KeyboardInterrupt:
@@ -105,7 +107,7 @@ def _run(args, log: TextIO) -> None:
 
 def _exit_code(exc: BaseException) -> int | None:
     """The exit status of an expected failure; None for a bug (shown with its traceback)."""
-    if _is_out_of_memory(exc):
+    if _is_out_of_memory(exc) or _is_peer_failure(exc):
         return EXIT_FAILED
     from .run import KeptLatentsError
 
@@ -117,6 +119,11 @@ def _exit_code(exc: BaseException) -> int | None:
 def _is_cancel(exc: BaseException) -> bool:
     sampling = sys.modules.get("pyramid_core.sampling")
     return sampling is not None and isinstance(exc, sampling.GenerationCancelled)
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    comm = sys.modules.get("pyramid_core.parallel.comm")
+    return comm is not None and isinstance(exc, comm.PeerFailure)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -10,8 +10,9 @@ from ..settings import DEFAULTS, FPS, PLAN_HELP, PLANS, VARIANTS
 __all__ = ["PROGRAM", "build_parser", "package_version"]
 
 PROGRAM = "python -m pyramid_core"
-DTYPE_HELP = ("compute precision (default: bf16 on a GPU, as trained; fp32 on a CPU, where bf16 convolutions and "
-              "matmuls run many times slower); fp16 for GPUs without bf16: residual streams stay fp32")
+DTYPE_HELP = ("compute precision (default: bf16 on a GPU, as trained; on a CPU bf16 only where it has native bf16 "
+              "(AVX512-BF16 / AMX), else fp32: emulated bf16 convolutions and matmuls run many times slower); fp16 "
+              "for GPUs without bf16: residual streams stay fp32")
 
 
 def package_version() -> str:
@@ -114,6 +115,7 @@ def _add_generate(commands) -> None:
                      "generates; the same frames as decoding at the end)")
     gen.add_argument("--save-latents", action="store_true",
                      help="also write the latent clip beside the video (NAME.safetensors) to --extend it later")
+    _add_parallel(gen)
     _add_verbosity(gen)
 
 
@@ -130,6 +132,7 @@ def _add_demo(commands) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and of the generation (default 0)")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     demo.add_argument("--dtype", choices=settings.COMPUTE_DTYPES, default=None, help=DTYPE_HELP)
+    _add_parallel(demo)
     _add_verbosity(demo)
 
 
@@ -153,6 +156,20 @@ def _add_output_arguments(parser: argparse.ArgumentParser, fps_default: float | 
     parser.add_argument("--format", choices=settings.VIDEO_FORMATS, default=None, help="video format (default: from the --out suffix)")
     parser.add_argument("--quality", type=int, default=DEFAULTS.quality,
                         help=f"0-100, higher = better and larger (default {DEFAULTS.quality})")
+
+
+def _add_parallel(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "several processes", "start N processes with torchrun --nproc-per-node N -m pyramid_core ... (one per GPU; "
+        "--device cpu uses gloo). N = CFG-parallel degree x sequence-parallel degree; rank 0 writes the file")
+    group.add_argument("--cfg-parallel", choices=settings.CFG_PARALLEL_CHOICES, default="auto",
+                       help="2: the ranks pair up and each runs one guidance branch (default when guidance is on and N "
+                       "is even); 1: no pairs")
+    group.add_argument("--sp-degree", type=int, default=None, metavar="K",
+                       help="sequence-parallel ranks: each runs 1/K of every DiT step's tokens; K must divide the "
+                       "attention heads (miniFLUX 30, SD3 24; default: the processes left after --cfg-parallel)")
+    group.add_argument("--dist-timeout", type=float, default=settings.DIST_TIMEOUT_S, metavar="SECONDS",
+                       help=f"how long a rank waits for the others before failing (default {settings.DIST_TIMEOUT_S:g})")
 
 
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ file holds)."""
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import TextIO
 
 from ..settings import DEFAULTS, FAMILIES
 from ..validation import check_device, check_fps, check_quality
+from .launch import parallel_session
 from .request import GenerationRequest, UsageError, check_output, compute_dtype_for, resolve_request, writes_image
 from .run import Reporter, RunSummary, decode_and_write, run_generation
 
@@ -20,42 +22,53 @@ DEMO_PROMPT = "a cat walking on the beach at sunset"
 DEMO_NOTICE = "PIPELINE CHECK ON RANDOM WEIGHTS: this model is tiny and untrained; its output is noise, not a video of anything."
 
 
-def generate_command(args: argparse.Namespace, log: TextIO) -> RunSummary:
-    """`generate`: resolve (every check), load, generate, write."""
+def generate_command(args: argparse.Namespace, log: TextIO) -> RunSummary | None:
+    """`generate`: resolve (every check), load, generate, write (under torchrun: rank 0 writes and reports)."""
     request = resolve_request(args)
-    summary = run_generation(request, log)
-    for line in summary.lines():
-        print(line, file=log)
+    with parallel_session(args, request, request.heads) as (request, parallel):
+        summary = run_generation(request, log, parallel)
+    if summary is not None:
+        for line in summary.lines():
+            print(line, file=log)
     return summary
 
 
-def demo_command(args: argparse.Namespace, log: TextIO) -> RunSummary:
-    """`demo`: a tiny random model in a temporary (or --keep) folder, loaded and run like a real one."""
-    from ..demo import build_tiny_model
+def demo_command(args: argparse.Namespace, log: TextIO) -> RunSummary | None:
+    """`demo`: a tiny random model in a temporary (or --keep) folder, loaded and run like a real one (under
+    torchrun every rank builds its own copy; rank 0 writes and reports)."""
+    from ..demo import DEMO_VARIANT, build_tiny_model
+    from ..loading import dit_config
 
     out, fmt = check_output(args.out, None)
     if writes_image(out, fmt):
         raise UsageError("the demo writes a video; give --out a .mp4, .webm, .webp or .gif name")
     device = check_device(args.device, "--device")
     dtype, dtype_note = compute_dtype_for(device, args.dtype)
-    print(DEMO_NOTICE, file=log, flush=True)
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks (and keeps the model)
+    if first:
+        print(DEMO_NOTICE, file=log, flush=True)
     with tempfile.TemporaryDirectory(prefix="pyramid_demo_") as scratch:
-        folder = Path(args.keep).expanduser() if args.keep else Path(scratch) / f"tiny_{args.family}"
+        keep = args.keep and first
+        folder = Path(args.keep).expanduser() if keep else Path(scratch) / f"tiny_{args.family}"
         started = time.perf_counter()
         build_tiny_model(folder, args.family, seed=args.seed)
-        Reporter(log, args.quiet).say(f"built a tiny random {args.family} model in {folder} "
-                                      f"({time.perf_counter() - started:.1f} s)")
+        Reporter(log, args.quiet or not first).say(f"built a tiny random {args.family} model in {folder} "
+                                                   f"({time.perf_counter() - started:.1f} s)")
         request = GenerationRequest(
-            model=folder, variant="diffusion_transformer_384p", prompt=DEMO_PROMPT, out=out, width=128, height=128,
+            model=folder, variant=DEMO_VARIANT, prompt=DEMO_PROMPT, out=out, width=128, height=128,
             temp=3, steps=[2, 2, 2], video_steps=[2, 2, 2], guidance=DEFAULTS.guidance,
             video_guidance=DEFAULTS.video_guidance, seed=args.seed, format=fmt, dtype=dtype, dtype_note=dtype_note,
             device=device, family=args.family, quiet=args.quiet, verbose=args.verbose,
         )
-        summary = run_generation(request, log)
+        heads = int(dit_config(folder, DEMO_VARIANT)[1]["num_attention_heads"])
+        with parallel_session(args, request, heads) as (request, parallel):
+            summary = run_generation(request, log, parallel)
+    if summary is None:
+        return None
     for line in summary.lines():
         print(line, file=log)
     print(DEMO_NOTICE, file=log)
-    if args.keep:
+    if keep:
         print(f"the tiny model stays in {folder}", file=log)
     return summary
 

@@ -77,6 +77,7 @@ class GenerationRequest:
     history_frames: int | None = None
     save_latents: bool = False
     stream: bool = False  # decode and write each latent frame as soon as it is generated
+    heads: int = 1  # the DiT's attention heads (what sequence parallelism splits)
 
     @property
     def total_temp(self) -> int:
@@ -160,8 +161,8 @@ def _length(args: argparse.Namespace, default_temp: int) -> int:
     return temp
 
 
-def _model_sources(args: argparse.Namespace, variant: str) -> tuple[Path, Path | None, Path | None, str, int]:
-    """(DiT path, VAE, text encoders, family, DiT width), reading only headers and config files."""
+def _model_sources(args: argparse.Namespace, variant: str) -> tuple[Path, Path | None, Path | None, str, int, int]:
+    """(DiT path, VAE, text encoders, family, DiT width, attention heads), reading only headers and config files."""
     from ..loading import dit_config, resolve_model_folder
     from ..loading.folders import is_component_dir
 
@@ -181,8 +182,8 @@ def _model_sources(args: argparse.Namespace, variant: str) -> tuple[Path, Path |
     if text is not None:
         resolve_model_folder(text)  # fails now when it holds no text encoders
     family, config = dit_config(model, None if single else variant)
-    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    return model, vae, text, family, width
+    heads = int(config["num_attention_heads"])
+    return model, vae, text, family, heads * int(config["attention_head_dim"]), heads
 
 
 def resolve_request(args: argparse.Namespace) -> GenerationRequest:
@@ -224,7 +225,7 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
             f"{out.name} is a still image but temp {temp} makes a {frames_for_temp(temp)}-frame video; "
             "use --temp 1 (or --variant image) or a .mp4/.webm/.webp/.gif name"
         )
-    model, vae, text, family, dit_width = _model_sources(args, variant)
+    model, vae, text, family, dit_width, heads = _model_sources(args, variant)
     if clip is not None and clip.metadata.get("family", family) != family:
         made = settings.FAMILIES[clip.metadata["family"]].title
         raise UsageError(f"--extend {clip.path.name} was made by a {made} model but --model is "
@@ -249,7 +250,7 @@ def resolve_request(args: argparse.Namespace) -> GenerationRequest:
         image=image, fps=fps, format=fmt, quality=args.quality, dtype_note=dtype_note, offload=args.offload,
         compile=args.compile, fp8=args.fp8, attention=args.attention, budget_gb=args.budget_gb,
         resident_blocks=args.resident_blocks, quiet=args.quiet, verbose=args.verbose, clip=clip,
-        history_frames=args.history_frames, save_latents=args.save_latents, stream=args.stream,
+        history_frames=args.history_frames, save_latents=args.save_latents, stream=args.stream, heads=heads,
     )
 
 

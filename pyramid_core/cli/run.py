@@ -20,6 +20,8 @@ from .stream import check_streamable, sample_streaming
 if TYPE_CHECKING:
     import torch
 
+    from ..parallel import ParallelGroups
+
 __all__ = [
     "DecodeProgress", "KeptLatentsError", "Reporter", "RunSummary", "StepProgress", "WriteProgress",
     "decode_and_write", "peak_host_rss", "run_generation",
@@ -155,8 +157,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return dtype_name(str(dtype))
 
 
-def run_generation(request: GenerationRequest, log: TextIO | None = None) -> RunSummary:
-    """Load the model, generate, write the file (never overwriting); returns the summary."""
+def run_generation(
+    request: GenerationRequest, log: TextIO | None = None, parallel: ParallelGroups | None = None
+) -> RunSummary | None:
+    """Load the model, generate, write the file (never overwriting); returns the summary.
+
+    `parallel` (several processes): every rank loads the DiT and samples its share; only rank 0 loads the text
+    encoders, decodes and writes; the other ranks return None after sampling.
+    """
     import torch
 
     from ..loading.quiet import quiet_transformers
@@ -177,10 +185,13 @@ def run_generation(request: GenerationRequest, log: TextIO | None = None) -> Run
             request.source, request.variant, dtype=request.dtype, device=request.device, offload=request.offload,
             fp8=request.fp8, attention_backend=request.attention, budget_gb=request.budget_gb,
             resident_blocks=request.resident_blocks, compile_blocks=request.compile,
+            load_text_encoder=parallel is None or parallel.is_first, parallel=parallel,
         )
     plan = pipe.memory.prepare(request.width, request.height, request.total_temp, cfg=request.guidance > 0,
                                dtype=request.dtype)
     report.say(plan.describe(), detail=request.offload != "auto")
+    if parallel is not None:
+        report.say(f"{parallel.plan.describe()} (this is rank {parallel.rank}, on {request.device})")
     loaded = time.perf_counter()
     mode = "image-to-video" if request.image is not None else ("text-to-image" if request.temp == 1 else "text-to-video")
     if request.clip is not None:
@@ -191,18 +202,21 @@ def run_generation(request: GenerationRequest, log: TextIO | None = None) -> Run
     if note is not None:
         report.say(note)
     report.say("encoding the prompt")
-    if request.stream:
+    writes = parallel is None or parallel.is_first  # rank 0 decodes and writes; the others only sample
+    if request.stream and writes:
         check_streamable(plan)
     progress = StepProgress(quiet=request.quiet)
     streamed = failure = None
     try:
-        if request.stream:
+        if request.stream and writes:
             latents, streamed, failure = sample_streaming(pipe, request, progress)
         else:
             latents = _sample(pipe, request, progress)
     finally:
         progress.close()
     generated = time.perf_counter()
+    if not writes:
+        return None
     if request.save_latents:
         from ..latents_file import save_latents
 

@@ -40,11 +40,12 @@ def model_class(family: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def _build_on_meta(family: str, config: Mapping[str, Any], source: object) -> nn.Module:
+def _build_on_meta(family: str, config: Mapping[str, Any], source: object, operations: type | None = None) -> nn.Module:
     cls = model_class(family)
+    layers = {} if operations is None else {"operations": operations}  # None: the model's own (torch) layers
     try:
         with torch.device("meta"):
-            return cls(**config)
+            return cls(**config, **layers)
     except (TypeError, ValueError, AssertionError) as exc:
         raise CheckpointError(f"cannot build {cls.__name__} from the config of {source}: {exc}") from exc
 
@@ -189,10 +190,13 @@ def build_and_fill(
     device: str | torch.device,
     strict: bool,
     keep_float8: bool = False,
+    operations: type | None = None,
 ) -> LoadedModel:
-    """Build the family's model from `config` on the meta device and fill it from `reader`."""
+    """Build the family's model from `config` on the meta device and fill it from `reader`.
+
+    `operations`: the layer classes to build from (`pyramid_core.models.operations`; None: torch's)."""
     spec = family_spec(family)
-    model = _build_on_meta(family, config, reader.source)
+    model = _build_on_meta(family, config, reader.source, operations)
     rename = None
     if family == "vae":
         rename = {k: _legacy_vae_name(k) for k in reader.keys() if _legacy_vae_name(k) != k}

@@ -141,6 +141,7 @@ def load_components(
     attention_backend: str = "sdpa",
     compile_blocks: bool = False,
     components: Iterable[str] = COMPONENTS,
+    operations: Mapping[str, type] | None = None,
 ) -> LoadedComponents:
     """Load the requested components in the dtypes of `component_dtypes(dtype)`, the DiT ready to run.
 
@@ -151,18 +152,21 @@ def load_components(
     (float8 files stay float8 either way, never upcast to a full-size copy). `attention_backend`: 'sdpa',
     'sage', 'flash' or a registered kernel, or the attention mode 'flex' (or 'masked'); `compile_blocks`:
     torch.compile each DiT block. Weights are loaded on the host; a memory plan places them afterwards.
+    `operations`: component name ('dit', 'vae') -> the layer classes to build it from (a host's, e.g.
+    ComfyUI's; see `pyramid_core.models.operations`); missing names use pyramid_core's torch layers.
     """
+    operations = operations or {}
     wanted = _check_components(components)
     dtypes = component_dtypes(dtype)
     paths = _component_paths(source, wanted)
     dit = vae = text_encoder = None
     family = None
     if "dit" in wanted:
-        dit = load_dit(paths["dit"], variant, dtype=dtypes.dit, keep_float8=True)
+        dit = load_dit(paths["dit"], variant, dtype=dtypes.dit, keep_float8=True, operations=operations.get("dit"))
         _prepare_dit(dit, dtypes.dit, fp8, attention_backend, compile_blocks)
         family = dit.family
     if "vae" in wanted:
-        vae = load_vae(paths["vae"], dtype=dtypes.vae)
+        vae = load_vae(paths["vae"], dtype=dtypes.vae, operations=operations.get("vae"))
     root = paths.get("text_encoder")
     if root is not None:
         from ..text import PyramidTextEncoder

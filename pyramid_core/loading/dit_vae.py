@@ -45,13 +45,14 @@ def _component_config(path: Path, reader, want_vae: bool) -> tuple[str, dict]:
 
 def _load_component(
     path: Path, *, want_vae: bool, variant: str | None, dtype: torch.dtype | str | None,
-    device: str | torch.device, strict: bool, keep_float8: bool = False,
+    device: str | torch.device, strict: bool, keep_float8: bool = False, operations: type | None = None,
 ) -> LoadedModel:
     """Load from a component folder (config.json + weights) or a single file."""
     with open_checkpoint(path) as reader:
         family, config = _component_config(path, reader, want_vae)
         return build_and_fill(
-            reader, family, config, variant=variant, dtype=dtype, device=device, strict=strict, keep_float8=keep_float8
+            reader, family, config, variant=variant, dtype=dtype, device=device, strict=strict, keep_float8=keep_float8,
+            operations=operations,
         )
 
 
@@ -86,19 +87,22 @@ def load_dit(
     device: str | torch.device = "cpu",
     strict: bool = True,
     keep_float8: bool = False,
+    operations: type | None = None,
 ) -> LoadedModel:
     """Load a Pyramid Flow DiT from an official root folder, a variant subfolder, or a single file.
 
     `variant` picks the folder in a root (optional when only one is present); for a single file it is only a
     label (default `diffusion_transformer_384p`, the variant cannot be read from the weights).
     `keep_float8`: float8 tensors (Kijai's fp8 files) stay float8 while the rest is cast to `dtype`.
+    `operations`: the layer classes (`pyramid_core.models.operations`; None: pyramid_core's torch layers).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"DiT checkpoint not found: {path}")
     source, label = _dit_source(path, variant)
     return _load_component(
-        source, want_vae=False, variant=label, dtype=dtype, device=device, strict=strict, keep_float8=keep_float8
+        source, want_vae=False, variant=label, dtype=dtype, device=device, strict=strict, keep_float8=keep_float8,
+        operations=operations,
     )
 
 
@@ -108,8 +112,11 @@ def load_vae(
     dtype: torch.dtype | str | None = torch.bfloat16,
     device: str | torch.device = "cpu",
     strict: bool = True,
+    operations: type | None = None,
 ) -> LoadedModel:
-    """Load the causal video VAE from an official root folder, its `causal_video_vae/` folder, or a single file."""
+    """Load the causal video VAE from an official root folder, its `causal_video_vae/` folder, or a single file.
+
+    `operations`: the layer classes (`pyramid_core.models.operations`; None: pyramid_core's torch layers)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"VAE checkpoint not found: {path}")
@@ -117,4 +124,5 @@ def load_vae(
         path = path / VAE_FOLDER
     elif path.is_dir() and not is_component_dir(path) and has_dit_variants(path):
         raise CheckpointError(f"{path} has no {VAE_FOLDER}/ subfolder; found {describe_dir(path)}")
-    return _load_component(path, want_vae=True, variant=None, dtype=dtype, device=device, strict=strict)
+    return _load_component(path, want_vae=True, variant=None, dtype=dtype, device=device, strict=strict,
+                           operations=operations)

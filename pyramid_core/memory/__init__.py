@@ -22,7 +22,9 @@ while they are on the device (change them under plan 'none' or after ``offload_a
 
 Modules: `streams` (CUDA / plain / protocol), `weights` (the only tensor mover: groups, slots,
 streaming), `placements` (per-component mechanism), `estimates` (sizes, working-memory formulas),
-`planner` (pure plan chooser), `manager` (`MemoryManager`), `simulated` (a CPU stream model for tests).
+`planner` (pure plan chooser), `manager` (`MemoryManager`), `policy` (`MemoryPolicy`, the interface the
+pipeline is typed against; the ComfyUI nodes implement it over ComfyUI's loader), `simulated` (a CPU stream
+model for tests).
 """
 from .estimates import (
     GiB,
@@ -43,10 +45,13 @@ from .manager import (
     DEFAULT_MARGIN_GB,
     DeviceOutOfMemoryError,
     MemoryManager,
+    converted_oom,
     default_device,
     is_device_oom,
     module_device,
+    oom_advice,
 )
+from .policy import MemoryPolicy
 from .placements import BLOCK_LIST_NAMES, find_stream_blocks
 from ..settings import PLACEMENTS, PLANS
 from .planner import (
@@ -66,9 +71,9 @@ from .weights import MemoryStats
 __all__ = [
     "BLOCK_LIST_NAMES", "DEFAULT_MARGIN_GB", "DEFAULT_PREFETCH", "GiB", "OFFICIAL_VAE_DECODE", "PLACEMENTS", "PLANS",
     "TEXT_TOKENS", "VAE_DECODE_OPTIONS", "ComponentPlan", "ComponentSizes", "CudaStreams", "Demand",
-    "DeviceOutOfMemoryError", "DirectCopies", "MemoryManager", "MemoryPlan", "MemoryStats", "SimulatedStreams",
-    "StreamBackend", "StreamOrderError", "Workload", "backend_for", "check_plan", "component_demands",
+    "DeviceOutOfMemoryError", "DirectCopies", "MemoryManager", "MemoryPlan", "MemoryPolicy", "MemoryStats", "SimulatedStreams",
+    "StreamBackend", "StreamOrderError", "Workload", "backend_for", "check_plan", "component_demands", "converted_oom",
     "default_device", "dit_tokens", "dit_working_memory", "find_stream_blocks", "is_device_oom",
-    "measure_component", "minimum_budget", "module_device", "plan_memory", "resident_block_indices",
+    "measure_component", "minimum_budget", "module_device", "oom_advice", "plan_memory", "resident_block_indices",
     "text_working_memory", "vae_decode_choice", "vae_decode_working_memory",
 ]

@@ -12,9 +12,12 @@ reads a model's internals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from torch import nn
+
+if TYPE_CHECKING:
+    import torch
 
 from .placements import find_stream_blocks
 from .weights import collect_refs, own_refs, packed_offsets
@@ -35,6 +38,15 @@ class Workload:
     temp: int = 16
     cfg: bool = True
     act_bytes: int = 2
+
+    @classmethod
+    def for_generation(cls, width: int, height: int, temp: int, cfg: bool = True,
+                       dtype: torch.dtype | None = None) -> Workload:
+        """The workload of one generation in a compute dtype (fp16 keeps fp32 residual streams: 4 bytes)."""
+        import torch
+
+        act_bytes = 4 if dtype in (torch.float32, torch.float16) else 2
+        return cls(int(width), int(height), int(temp), bool(cfg), act_bytes)
 
     @property
     def batch(self) -> int:

@@ -12,7 +12,7 @@ import logging
 import traceback
 import warnings
 from types import MappingProxyType
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -73,6 +73,57 @@ def _normalize(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+@contextlib.contextmanager
+def converted_oom(message: Callable[[str], str], recover: Callable[[], None] | None = None) -> Iterator[None]:
+    """A device out-of-memory error inside the block becomes a `DeviceOutOfMemoryError` (torch's OOM type, so
+    callers such as ComfyUI still recognise it) reading `message(failure)`, failure being the first line of
+    torch's error; `recover()` runs first. An already converted error passes through unchanged."""
+    failure = None
+    try:
+        yield
+    except DeviceOutOfMemoryError:
+        raise
+    except Exception as exc:
+        if not is_device_oom(exc):
+            raise
+        traceback.clear_frames(exc.__traceback__)  # drop the activations the failed frames still hold
+        failure = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if failure is not None:
+        if recover is not None:
+            recover()
+        raise DeviceOutOfMemoryError(message(failure)) from None
+
+
+def oom_advice(
+    plan: str,
+    demands: Mapping[str, Demand],
+    budget: int | None,
+    workload: Workload,
+    failed_peak: int | None = None,
+    *,
+    prefetch: int = DEFAULT_PREFETCH,
+    margin: int = int(DEFAULT_MARGIN_GB * GiB),
+    budget_name: str = "budget_gb",
+) -> str:
+    """What to use instead after running out of device memory under `plan`: the plan 'auto' picks for a budget
+    below what failed (`failed_peak`, the failed plan's estimate) or below `budget` (usable bytes, margin off;
+    None: unknown). `budget_name`: what the budget setting is called where the user sets it."""
+    if failed_peak is not None and (budget is None or failed_peak <= budget):
+        budget = int(failed_peak * 0.8)  # the plan was estimated to fit and did not: aim below its estimate
+    if budget is None:
+        order = PLACEMENTS.index(plan) if plan in PLACEMENTS else len(PLACEMENTS) - 1
+        lower = PLACEMENTS[min(order + 1, len(PLACEMENTS) - 1)]
+        return f"Use offload={lower!r}, or offload='auto' with {budget_name} below your free device memory."
+    try:
+        chosen = plan_memory("auto", demands, budget, workload, prefetch=prefetch, margin=margin)
+    except ValueError as err:
+        return str(err)[0].upper() + str(err)[1:]
+    detail = chosen.components.get("dit")
+    k = f" with resident_blocks={detail.resident_blocks}" if detail and detail.placement == "block_swap" else ""
+    return (f"Use offload={chosen.chosen!r}{k} (estimated peak {format_bytes(chosen.peak_bytes)}), or offload='auto' with "
+            f"{budget_name}={budget_gb_text(budget + margin, up=False)} to choose automatically.")
 
 
 class MemoryManager:
@@ -244,9 +295,8 @@ class MemoryManager:
         'auto' raises ValueError when the budget is below the smallest workable one (named in the
         message); an explicit plan whose estimate exceeds the budget only warns.
         """
-        act_bytes = 4 if dtype in (torch.float32, torch.float16) else 2  # fp16 keeps fp32 residual streams
-        self.workload = Workload(
-            width or self.workload.width, height or self.workload.height, temp or self.workload.temp, cfg, act_bytes
+        self.workload = Workload.for_generation(
+            width or self.workload.width, height or self.workload.height, temp or self.workload.temp, cfg, dtype
         )
         plan = self.estimate(self.workload)
         budget = plan.budget_bytes
@@ -285,19 +335,9 @@ class MemoryManager:
         """Turn a device out-of-memory error inside the block into a `DeviceOutOfMemoryError` that names the
         plan and budget to use instead, after moving every weight back to the offload device (once: an
         already converted error passes through)."""
-        failure = None
-        try:
+        # recover first, so the advice reads the memory that is really free
+        with converted_oom(lambda failure: self._oom_message(phase, failure), self.recover):
             yield
-        except DeviceOutOfMemoryError:
-            raise
-        except Exception as exc:
-            if not is_device_oom(exc):
-                raise
-            traceback.clear_frames(exc.__traceback__)  # drop the activations the failed frames still hold
-            failure = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if failure is not None:
-            self.recover()  # first, so the advice reads the memory that is really free
-            raise DeviceOutOfMemoryError(self._oom_message(phase, failure)) from None
 
     def recover(self) -> None:
         """After a failure: wait for copies in flight, put every weight back on the offload device, free the cache."""
@@ -319,23 +359,9 @@ class MemoryManager:
         return f"{head}{advice} [{failure[:200]}]"
 
     def _oom_advice(self) -> str:
-        margin = int(self.margin_gb * GiB)
-        budget = self.budget_bytes()
         failed = self.last_plan.peak_bytes if self.last_plan is not None else None
-        if failed is not None and (budget is None or failed <= budget):
-            budget = int(failed * 0.8)  # the plan was estimated to fit and did not: aim below its estimate
-        if budget is None:
-            order = PLACEMENTS.index(self.plan) if self.plan in PLACEMENTS else len(PLACEMENTS) - 1
-            lower = PLACEMENTS[min(order + 1, len(PLACEMENTS) - 1)]
-            return f"Use offload={lower!r}, or offload='auto' with budget_gb below your free device memory."
-        try:
-            plan = plan_memory("auto", self.demands(), budget, self.workload, prefetch=self.prefetch, margin=margin)
-        except ValueError as err:
-            return str(err)[0].upper() + str(err)[1:]
-        detail = plan.components.get("dit")
-        k = f" with resident_blocks={detail.resident_blocks}" if detail and detail.placement == "block_swap" else ""
-        return (f"Use offload={plan.chosen!r}{k} (estimated peak {format_bytes(plan.peak_bytes)}), or offload='auto' with "
-                f"budget_gb={budget_gb_text(budget + margin, up=False)} to choose automatically.")
+        return oom_advice(self.plan, self.demands(), self.budget_bytes(), self.workload, failed,
+                          prefetch=self.prefetch, margin=int(self.margin_gb * GiB))
 
     # ---------------------------------------------------------------- internals
     def _initial_placement(self, name: str, module: nn.Module) -> ComponentPlan:

@@ -43,6 +43,8 @@ from .layers import FP16_MAX, frame_token_counts, host_to_device, pow2_scale
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
+    from ..parallel.sequence import SequenceShard
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -250,7 +252,8 @@ class AttentionSpec:
     DiT's input and output dtype). residual_dtype: the residual streams' dtype, which modulated activations
     return to before each Linear. mode: 'segmented' (fused per-frame kernels), 'flex' (one FlexAttention call
     with a block mask) or 'masked' (the official dense mask, SDPA). kernel: the unmasked attention function of
-    the segmented path.
+    the segmented path. shard: under sequence parallelism (`pyramid_core.parallel`), this rank's part of the joint
+    sequence; the layout still describes the whole sequence.
     """
 
     layout: TokenLayout
@@ -258,10 +261,22 @@ class AttentionSpec:
     residual_dtype: torch.dtype
     mode: str = "segmented"
     kernel: AttentionFn = sdpa
+    shard: SequenceShard | None = None  # sequence parallelism: the blocks hold this rank's tokens only
 
     def __post_init__(self) -> None:
         if self.mode not in ATTENTION_MODES:
             raise ValueError(f"unknown attention mode {self.mode!r}; choose one of {ATTENTION_MODES}")
+
+    @property
+    def takes_query_tail(self) -> bool:
+        """Whether `joint_attention` can take the queries of the sequence's last tokens only (the last block's
+        current clip): the segmented and dense paths can; FlexAttention and sequence parallelism take all."""
+        return self.shard is None and self.mode != "flex"
+
+    @property
+    def local_text_len(self) -> int:
+        """Text tokens at the start of the sequence the blocks hold (this rank's shard under sequence parallelism)."""
+        return self.layout.text_len if self.shard is None else self.shard.local_text_len
 
 
 def _run_lengths(values: list[int]) -> list[int]:
@@ -283,8 +298,10 @@ def _select(t: torch.Tensor, dim: int, index: slice | torch.Tensor) -> torch.Ten
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Reference path: SDPA with the dense official mask. q, k, v: [B, H, L, D]."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask().to(q.device))
+    """Reference path: SDPA with the dense official mask. k, v: [B, H, L, D]; q: [B, H, Lq, D], the last Lq
+    positions (Lq = L: all)."""
+    mask = layout.dense_mask().to(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, mask.shape[2] - q.shape[2] :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +358,8 @@ def segmented_attention(
     attend: AttentionFn = sdpa,
     batch_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Same result as `masked_attention` for every token, with no N x N mask. q, k, v: [B, H, L, D].
+    """Same result as `masked_attention` for every token, with no N x N mask. k, v: [B, H, L, D]; q: [B, H, L, D],
+    or the queries of the last Lq video positions only ([B, H, Lq, D]: the last block's current clip).
 
     Per sample group (rows sharing one text mask; rows as a view when contiguous), the keys are the real text
     followed by the video: a view when the real text ends where the video starts (no padding, or left padding),
@@ -353,6 +371,8 @@ def segmented_attention(
     consecutive small segments up to that many query rows share one SDPA call with a small [rows, prefix]
     frame-causal mask instead of one unmasked call each (same result up to float rounding).
     """
+    if q.shape[2] != k.shape[2]:
+        return _segmented_query_tail(q, k, v, layout, attend)
     text_len = layout.text_len
     segments = layout.segments
     if batch_tokens is None:
@@ -363,16 +383,8 @@ def segmented_attention(
     for group in layout.sample_groups:
         rows, valid, n_text = group.rows, group.valid, group.num_valid
         qb, kb, vb = (_select(t, 0, rows) for t in (q, k, v))  # views for a row range, else one gather
-        if isinstance(valid, slice):
-            text_start = valid.start if n_text else text_len  # segment 0's queries start here (views)
-            text_rows = text_len - text_start
-            if not n_text or valid.stop == text_len:  # real text right before the video: keys are views
-                keys, values = kb[:, :, text_start:], vb[:, :, text_start:]
-            else:
-                keys, values = (torch.cat([t[:, :, valid], t[:, :, text_len:]], dim=2) for t in (kb, vb))
-        else:  # scattered real text: gathered (at most the text length)
-            text_start, text_rows = None, n_text
-            keys, values = (torch.cat([t.index_select(2, valid), t[:, :, text_len:]], dim=2) for t in (kb, vb))
+        keys, values, text_start = _group_keys(kb, vb, group, text_len)
+        text_rows = n_text if text_start is None else text_len - text_start
         sizes = [end - start for start, end in segments]
         if sizes:
             sizes[0] += text_rows
@@ -404,6 +416,49 @@ def segmented_attention(
             padded = group.padded
             _write(out, rows, padded, attend(*(_select(t, 2, padded) for t in (qb, kb, vb))))
         del qb, kb, vb  # gathered rows (scattered groups) go before the next group's
+    return out
+
+
+def _group_keys(
+    kb: torch.Tensor, vb: torch.Tensor, group: SampleGroup, text_len: int
+) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """(keys, values, text_start) of one sample group: its real text followed by the video.
+
+    Views when the real text ends where the video starts (no padding, or left padding), else one copy;
+    text_start: where segment 0's queries start in the sequence (None: the real text is scattered).
+    """
+    valid, n_text = group.valid, group.num_valid
+    if not isinstance(valid, slice):  # scattered real text: gathered (at most the text length)
+        keys, values = (torch.cat([t.index_select(2, valid), t[:, :, text_len:]], dim=2) for t in (kb, vb))
+        return keys, values, None
+    text_start = valid.start if n_text else text_len
+    if not n_text or valid.stop == text_len:  # real text right before the video: keys are views
+        return kb[:, :, text_start:], vb[:, :, text_start:], text_start
+    keys, values = (torch.cat([t[:, :, valid], t[:, :, text_len:]], dim=2) for t in (kb, vb))
+    return keys, values, text_start
+
+
+def _segmented_query_tail(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, attend: AttentionFn
+) -> torch.Tensor:
+    """`segmented_attention` for the queries of the last q.shape[2] positions, which lie in the video: per sample
+    group, one unmasked call per frame segment that reaches into them (keys: the real text and the video up to
+    the end of the segment)."""
+    text_len, first = layout.text_len, k.shape[2] - q.shape[2]
+    if first < text_len:
+        raise ValueError(f"a query tail must lie in the video part: starts at {first}, the text ends at {text_len}")
+    out = torch.empty_like(q)
+    for group in layout.sample_groups:
+        rows, n_text = group.rows, group.num_valid
+        qb, kb, vb = (_select(t, 0, rows) for t in (q, k, v))
+        keys, values, _ = _group_keys(kb, vb, group, text_len)
+        for start, end in layout.segments:
+            if text_len + end <= first:
+                continue
+            places = slice(max(text_len + start, first) - first, text_len + end - first)
+            prefix = n_text + end
+            _write(out, rows, places, attend(qb[:, :, places], keys[:, :, :prefix], values[:, :, :prefix]))
+        del keys, values, qb, kb, vb
     return out
 
 
@@ -539,7 +594,20 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
     q, k, v [B, H, L, D] run in `spec.compute_dtype`; the result comes back in v's dtype. Going from wider v to
     fp16, v is divided per (sample, head) by a power of two when it would not fit fp16 (attention is linear
     in v, so the scale is undone exactly afterwards); q and k are RMS-normalised, hence bounded.
+    With `spec.shard` (sequence parallelism) q, k, v and the result hold this rank's tokens, all heads: an
+    all-to-all gives the attention every token for a subset of the heads, and another one brings it back.
+    Where `spec.takes_query_tail`, q may hold the last Lq positions only (video tokens; the result is theirs).
     """
+    if q.shape[2] != k.shape[2] and not spec.takes_query_tail:
+        raise ValueError(f"attention {spec.mode!r}{' with sequence parallelism' if spec.shard else ''} takes the "
+                         f"queries of every token ({k.shape[2]}), got {q.shape[2]}")
+    if spec.shard is not None:
+        return spec.shard.attend(q, k, v, lambda q, k, v: _joint_attention(q, k, v, spec))
+    return _joint_attention(q, k, v, spec)
+
+
+def _joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """`joint_attention` over the whole sequence."""
     dtype, out_dtype, v_scale = spec.compute_dtype, v.dtype, None
     if (q.dtype, k.dtype, v.dtype) != (dtype, dtype, dtype):
         if dtype == torch.float16 and v.dtype != torch.float16:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionSpec, joint_attention
+from .operations import Operations, TorchOperations
 from .layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -58,14 +59,23 @@ class DoubleStreamAttention(nn.Module, abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(video output, text output); the text output is None when `context_pre_only`.
 
-        `keep_last`: the video output covers only the last `keep_last` tokens (None: all).
+        `keep_last`: the video output covers only the last `keep_last` tokens (None: all). Where nothing reads the
+        text output (`context_pre_only`), only those video tokens' queries are computed.
         """
-        q, k, v = project_heads(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, heads=self.heads)
-        cq, ck, cv = project_heads(
-            context, self.add_q_proj, self.add_k_proj, self.add_v_proj, *self.context_norms(), heads=self.heads
+        tail = keep_last if keep_last is not None and self.context_pre_only and spec.takes_query_tail else None
+        q, k, v = project_heads(
+            x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, heads=self.heads, query_tail=tail
         )
-        apply_rope_(q, rope)  # video only: text sits at the origin (identity rotation)
+        cq, ck, cv = project_heads(  # no text queries when only the video tail's are computed
+            context, self.add_q_proj, self.add_k_proj, self.add_v_proj, *self.context_norms(), heads=self.heads,
+            query_tail=None if tail is None else 0,
+        )
+        apply_rope_(q, rope if tail is None else rope.last(tail))  # video only: text sits at the origin (identity)
         apply_rope_(k, rope)
+        if tail is not None:  # the current clip's queries against every key
+            keys, values = (torch.cat(pair, dim=1).transpose(1, 2) for pair in ((ck, k), (cv, v)))
+            out = joint_attention(q.transpose(1, 2), keys, values, spec).transpose(1, 2)
+            return self.to_out[0](out.flatten(2)), None
         # token-major [B, L, H, D] joint tensors; the attention reads them as [B, H, L, D] views
         joint = [torch.cat(pair, dim=1).transpose(1, 2) for pair in ((cq, q), (ck, k), (cv, v))]
         out = joint_attention(*joint, spec).transpose(1, 2)  # [B, L, H, D]
@@ -81,15 +91,18 @@ class DoubleStreamBlock(nn.Module):
     `context_pre_only` (MMDiT's last block): the text stream is only read (a continuous norm, no text output).
     """
 
-    def __init__(self, dim: int, attn: DoubleStreamAttention, context_pre_only: bool = False):
+    def __init__(self, dim: int, attn: DoubleStreamAttention, context_pre_only: bool = False,
+                 operations: type[Operations] = TorchOperations):
         super().__init__()
         self.context_pre_only = context_pre_only
-        self.norm1 = AdaLayerNormZero(dim)
-        self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
+        self.norm1 = AdaLayerNormZero(dim, operations=operations)
+        self.norm1_context = (
+            AdaLayerNormContinuous(dim, dim, operations) if context_pre_only else AdaLayerNormZero(dim, operations=operations)
+        )
         self.attn = attn
-        self.ff = FeedForward(dim, dim)
+        self.ff = FeedForward(dim, dim, operations=operations)
         if not context_pre_only:
-            self.ff_context = FeedForward(dim, dim)
+            self.ff_context = FeedForward(dim, dim, operations=operations)
 
     def forward(
         self,

@@ -19,12 +19,12 @@ from torch import nn
 from .attention import AttentionSpec, joint_attention
 from .dit import PyramidDiT
 from .double_stream import DoubleStreamAttention, DoubleStreamBlock
+from .operations import Operations, TorchOperations
 from .layers import (
     FP16_MAX,
     AdaLayerNormContinuous,
     AdaLayerNormZero,
     CombinedTimestepTextProjEmbeddings,
-    Linear,
     RMSNorm,
     RotaryTables,
     apply_rope_,
@@ -37,14 +37,15 @@ PATCH_SIZE = 2  # the official code hard-codes 2 whatever config.json says
 class FluxDoubleAttention(DoubleStreamAttention):
     """Joint attention of the double-stream blocks: separate projections for video and text."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, operations: type[Operations] = TorchOperations):
         super().__init__(heads)
-        self.to_q, self.to_k, self.to_v = (Linear(dim, heads * head_dim) for _ in range(3))
+        linear = operations.Linear
+        self.to_q, self.to_k, self.to_v = (linear(dim, heads * head_dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = (Linear(dim, heads * head_dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (linear(dim, heads * head_dim) for _ in range(3))
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
-        self.to_out = nn.ModuleList([Linear(heads * head_dim, dim), nn.Dropout(0.0)])
-        self.to_add_out = Linear(heads * head_dim, dim)
+        self.to_out = nn.ModuleList([linear(heads * head_dim, dim), nn.Dropout(0.0)])
+        self.to_add_out = linear(heads * head_dim, dim)
 
     def context_norms(self) -> tuple[nn.Module, nn.Module]:
         return self.norm_added_q, self.norm_added_k
@@ -53,22 +54,25 @@ class FluxDoubleAttention(DoubleStreamAttention):
 class FluxSingleAttention(nn.Module):
     """Attention of the single-stream blocks (no output projection: the block's proj_out does it)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, operations: type[Operations] = TorchOperations):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_k, self.to_v = (Linear(dim, heads * head_dim) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (operations.Linear(dim, heads * head_dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
 
     def forward(
         self, *, x: torch.Tensor, rope: RotaryTables, spec: AttentionSpec, keep_last: int | None = None
     ) -> torch.Tensor:
         """Attention output [B, L, H*D] of the joint sequence x [B, L, dim] (its last `keep_last` tokens if given)."""
-        q, k, v = project_heads(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, heads=self.heads)
-        text_len = spec.layout.text_len  # text positions are 0: the rotation is the identity there
-        apply_rope_(q[:, text_len:], rope)  # in place on the video part: no copy of q or k
+        tail = keep_last if keep_last is not None and spec.takes_query_tail else None  # only those queries
+        q, k, v = project_heads(
+            x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, heads=self.heads, query_tail=tail
+        )
+        text_len = spec.local_text_len  # text positions are 0: the rotation is the identity there
+        apply_rope_(q[:, text_len:] if tail is None else q, rope if tail is None else rope.last(tail))  # in place
         apply_rope_(k[:, text_len:], rope)
         out = joint_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec).transpose(1, 2)
-        if keep_last is not None:
+        if keep_last is not None and tail is None:
             out = out[:, out.shape[1] - keep_last :]
         return out.flatten(2)
 
@@ -76,8 +80,8 @@ class FluxSingleAttention(nn.Module):
 class FluxTransformerBlock(DoubleStreamBlock):
     """Double-stream block: video and text keep their own weights and attend jointly."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
-        super().__init__(dim, FluxDoubleAttention(dim, heads, head_dim))
+    def __init__(self, dim: int, heads: int, head_dim: int, operations: type[Operations] = TorchOperations):
+        super().__init__(dim, FluxDoubleAttention(dim, heads, head_dim, operations), operations=operations)
 
     def forward(
         self,
@@ -99,13 +103,13 @@ class FluxTransformerBlock(DoubleStreamBlock):
 class FluxSingleTransformerBlock(nn.Module):
     """Single-stream block on the joint [text; video] sequence: parallel attention and MLP."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0, operations: type[Operations] = TorchOperations):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
-        self.norm = AdaLayerNormZero(dim, double=False)
-        self.proj_mlp = Linear(dim, mlp_dim)
-        self.attn = FluxSingleAttention(dim, heads, head_dim)
-        self.proj_out = Linear(dim + mlp_dim, dim)
+        self.norm = AdaLayerNormZero(dim, double=False, operations=operations)
+        self.proj_mlp = operations.Linear(dim, mlp_dim)
+        self.attn = FluxSingleAttention(dim, heads, head_dim, operations)
+        self.proj_out = operations.Linear(dim + mlp_dim, dim)
 
     def forward(
         self,
@@ -158,6 +162,7 @@ class PyramidFluxTransformer(PyramidDiT):
         use_temporal_causal: bool = True,
         interp_condition_pos: bool = True,
         use_gradient_checkpointing: bool = False,
+        operations: type[Operations] = TorchOperations,
     ):
         super().__init__(token_patch=PATCH_SIZE)
         if not use_temporal_causal:
@@ -168,16 +173,17 @@ class PyramidFluxTransformer(PyramidDiT):
         self.in_channels = in_channels
         self.axes_dims_rope = list(axes_dims_rope)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
-        self.context_embedder = Linear(joint_attention_dim, dim)
-        self.x_embedder = Linear(in_channels, dim)
+        self.context_embedder = operations.Linear(joint_attention_dim, dim)
+        self.x_embedder = operations.Linear(in_channels, dim)
         self.transformer_blocks = nn.ModuleList(
-            FluxTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)
+            FluxTransformerBlock(dim, num_attention_heads, attention_head_dim, operations) for _ in range(num_layers)
         )
         self.single_transformer_blocks = nn.ModuleList(
-            FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers)
+            FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim, operations=operations)
+            for _ in range(num_single_layers)
         )
-        self.norm_out = AdaLayerNormContinuous(dim, dim)
-        self.proj_out = Linear(dim, patch_size * patch_size * in_channels)  # config patch 1: 64 = 2*2*16
+        self.norm_out = AdaLayerNormContinuous(dim, dim, operations)
+        self.proj_out = operations.Linear(dim, patch_size * patch_size * in_channels)  # config patch 1: 64 = 2*2*16
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -189,8 +195,9 @@ class PyramidFluxTransformer(PyramidDiT):
     ) -> torch.Tensor:
         """Video tokens embedded and run through the blocks with the text (see `PyramidDiT.transform`)."""
         x = self.x_embedder(torch.cat([patchify(clip) for clip in clips], dim=1).to(spec.residual_dtype))
-        rope = self.rotary_tables(clips, "thw", self.axes_dims_rope)  # video tokens; text sits at the origin
-        keep = self.current_token_count(clips)  # the last block computes only what the read-out keeps
+        rope = self.rotary_tables(clips, "thw", self.axes_dims_rope, spec.shard)  # video; text sits at the origin
+        keep = self.kept_token_count(clips, spec)  # the last block computes only what the read-out keeps
+        context, x = self.local_streams(context, x, spec)
         last = self.blocks[-1]
         for block in self.transformer_blocks:
             context, x = block(

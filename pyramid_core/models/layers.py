@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .operations import Linear, Operations, TorchOperations, mixed_precision_linear, pow2_scale
+
 try:  # diffusers' embedding module carries the official parameter names
     from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 except ImportError as exc:  # pragma: no cover - diffusers is a hard dependency
@@ -62,46 +64,12 @@ def residual_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if compute_dtype == torch.float16 else compute_dtype
 
 
-def pow2_scale(x: torch.Tensor, dim, limit: float = 1.0) -> torch.Tensor:
-    """Power-of-two divisor per slice (over `dim`) bringing max|x| to <= `limit`; exact to apply and undo."""
-    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dim, keepdim=True).float()
-    return torch.exp2(torch.ceil(torch.log2(amax.clamp_min(torch.finfo(torch.float32).tiny) / limit)))
-
-
-def mixed_precision_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias`, the product in the weight's dtype, the result in x's dtype.
-
-    Equal dtypes: plain `F.linear`. fp16 weights with wider activations: each input row is divided by a
-    power of two >= its max magnitude, so the fp16 operand holds no inf and every output element is
-    bounded by the L1 norm of a weight row; the scale is undone and the bias added in x's dtype.
-    """
-    if x.dtype == weight.dtype:
-        return F.linear(x, weight, bias)
-    if weight.dtype == torch.float16 and x.dtype in (torch.float32, torch.float64):
-        scale = pow2_scale(x, -1).to(x.dtype)
-        operand = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-        torch.div(x, scale, out=operand)  # scale and narrow in one pass
-        product = F.linear(operand, weight)
-        if bias is None:
-            return torch.mul(product, scale)  # widens to x's dtype
-        return torch.addcmul(bias.to(x.dtype), product, scale)
-    out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
-    return out.to(x.dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear that also takes activations wider than its weights (see `mixed_precision_linear`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mixed_precision_linear(x, self.weight, self.bias)
-
-
 class GELUProjection(nn.Module):
     """Linear + tanh-approximate GELU (the first layer of the official FeedForward, `net.0.proj`)."""
 
-    def __init__(self, dim_in: int, dim_out: int):
+    def __init__(self, dim_in: int, dim_out: int, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out)
+        self.proj = operations.Linear(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.proj(x), approximate="tanh")
@@ -110,10 +78,12 @@ class GELUProjection(nn.Module):
 class FeedForward(nn.Module):
     """dim -> 4*dim -> GELU(tanh) -> dim_out, with diffusers' parameter names (`net.0.proj`, `net.2`)."""
 
-    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
+    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4, operations: type[Operations] = TorchOperations):
         super().__init__()
         inner = dim * mult
-        self.net = nn.ModuleList([GELUProjection(dim, inner), nn.Dropout(0.0), Linear(inner, dim_out or dim)])
+        self.net = nn.ModuleList([
+            GELUProjection(dim, inner, operations), nn.Dropout(0.0), operations.Linear(inner, dim_out or dim)
+        ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -180,16 +150,22 @@ def project_heads(
     norm_k: nn.Module,
     *,
     heads: int,
+    query_tail: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values [B, L, H, D] of tokens x [B, L, dim], q and k normalised per head.
 
     Token-major, as the projections write them (no copy); `.transpose(1, 2)` gives the [B, H, L, D] view the
     attention takes. q and k are fresh tensors (the norms' outputs), so RoPE may rotate them in place.
+    `query_tail`: queries of the last `query_tail` tokens only ([B, query_tail, H, D]).
     """
-    shape = (x.shape[0], x.shape[1], heads, -1)
-    q = norm_q(to_q(x).view(shape))
-    k = norm_k(to_k(x).view(shape))
-    v = to_v(x).view(shape)
+    if query_tail is not None:
+        x_q = x[:, x.shape[1] - query_tail :]
+        q = norm_q(to_q(x_q).unflatten(-1, (heads, -1)))
+        k = norm_k(to_k(x).unflatten(-1, (heads, -1)))
+        return q, k, to_v(x).unflatten(-1, (heads, -1))
+    q = norm_q(to_q(x).unflatten(-1, (heads, -1)))  # views; unlike view(B, L, H, -1) also for L = 0 tokens
+    k = norm_k(to_k(x).unflatten(-1, (heads, -1)))
+    v = to_v(x).unflatten(-1, (heads, -1))
     return q, k, v
 
 
@@ -217,10 +193,10 @@ class AdaLayerNormZero(nn.Module):
     parallel attention and MLP branches (`norm.linear`: 3 * dim).
     """
 
-    def __init__(self, dim: int, double: bool = True):
+    def __init__(self, dim: int, double: bool = True, operations: type[Operations] = TorchOperations):
         super().__init__()
         self.double = double
-        self.linear = Linear(dim, (6 if double else 3) * dim)
+        self.linear = operations.Linear(dim, (6 if double else 3) * dim)
 
     def forward(self, temb: torch.Tensor) -> tuple[Modulation, Modulation | None]:
         """(attention, MLP) modulations in temb's dtype; the second is None when not `double`."""
@@ -231,9 +207,9 @@ class AdaLayerNormZero(nn.Module):
 class AdaLayerNormContinuous(nn.Module):
     """Final / context-only norm: (scale, shift) - scale first, the diffusers convention."""
 
-    def __init__(self, dim: int, cond_dim: int):
+    def __init__(self, dim: int, cond_dim: int, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.linear = Linear(cond_dim, 2 * dim)
+        self.linear = operations.Linear(cond_dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         emb = self.linear(F.silu(temb).to(x.dtype)).to(x.dtype)[:, None]
@@ -290,6 +266,10 @@ class RotaryTables(NamedTuple):
 
     cos: torch.Tensor
     sin: torch.Tensor
+
+    def last(self, count: int) -> RotaryTables:
+        """The tables of the last `count` tokens (views)."""
+        return RotaryTables(self.cos[self.cos.shape[0] - count :], self.sin[self.sin.shape[0] - count :])
 
     @classmethod
     def from_host(cls, tables: torch.Tensor, device: torch.device | str) -> RotaryTables:

@@ -17,7 +17,8 @@ from torch import nn
 from .attention import AttentionSpec
 from .dit import PyramidDiT
 from .double_stream import DoubleStreamAttention, DoubleStreamBlock
-from .layers import AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings, Linear, RMSNorm
+from .layers import AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings, RMSNorm
+from .operations import Operations, TorchOperations
 
 
 def sincos_table_2d(dim: int, grid: int, base_size: int) -> torch.Tensor:
@@ -37,11 +38,12 @@ def sincos_table_2d(dim: int, grid: int, base_size: int) -> torch.Tensor:
 class PatchEmbed(nn.Module):
     """Conv patchify per frame plus the cropped (and, for history, resized) position table."""
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int, pos_embed_max_size: int, base_size: int):
+    def __init__(self, in_channels: int, dim: int, patch_size: int, pos_embed_max_size: int, base_size: int,
+                 operations: type[Operations] = TorchOperations):
         super().__init__()
         self.patch_size = patch_size
         self.max_size = pos_embed_max_size
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = operations.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_table_2d(dim, pos_embed_max_size, base_size), persistent=True)
 
     def position_table(self, grid_h: int, grid_w: int, ref_h: int, ref_w: int) -> torch.Tensor:
@@ -74,17 +76,18 @@ class PatchEmbed(nn.Module):
 class JointAttention(DoubleStreamAttention):
     """MMDiT joint attention; `context_pre_only` (last block) drops the text output projection."""
 
-    def __init__(self, dim: int, heads: int, context_pre_only: bool):
+    def __init__(self, dim: int, heads: int, context_pre_only: bool, operations: type[Operations] = TorchOperations):
         super().__init__(heads, context_pre_only)
+        linear = operations.Linear
         head_dim = dim // heads
-        self.to_q, self.to_k, self.to_v = (Linear(dim, dim) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (linear(dim, dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-5, cast_to_input=True), RMSNorm(head_dim, 1e-5, cast_to_input=True)
-        self.add_k_proj, self.add_v_proj, self.add_q_proj = (Linear(dim, dim) for _ in range(3))
+        self.add_k_proj, self.add_v_proj, self.add_q_proj = (linear(dim, dim) for _ in range(3))
         self.norm_add_q = RMSNorm(head_dim, 1e-5, cast_to_input=True)
         self.norm_add_k = RMSNorm(head_dim, 1e-5, cast_to_input=True)
-        self.to_out = nn.ModuleList([Linear(dim, dim), nn.Dropout(0.0)])
+        self.to_out = nn.ModuleList([linear(dim, dim), nn.Dropout(0.0)])
         if not context_pre_only:
-            self.to_add_out = Linear(dim, dim)
+            self.to_add_out = linear(dim, dim)
 
     def context_norms(self) -> tuple[nn.Module, nn.Module]:
         return self.norm_add_q, self.norm_add_k
@@ -93,8 +96,8 @@ class JointAttention(DoubleStreamAttention):
 class JointTransformerBlock(DoubleStreamBlock):
     """MMDiT block: video and text streams with their own weights, one joint attention."""
 
-    def __init__(self, dim: int, heads: int, context_pre_only: bool):
-        super().__init__(dim, JointAttention(dim, heads, context_pre_only), context_pre_only)
+    def __init__(self, dim: int, heads: int, context_pre_only: bool, operations: type[Operations] = TorchOperations):
+        super().__init__(dim, JointAttention(dim, heads, context_pre_only, operations), context_pre_only, operations)
 
 
 class PyramidMMDiT(PyramidDiT):
@@ -122,6 +125,7 @@ class PyramidMMDiT(PyramidDiT):
         interp_condition_pos: bool = True,
         use_flash_attn: bool = False,
         use_gradient_checkpointing: bool = False,
+        operations: type[Operations] = TorchOperations,
     ):
         super().__init__(token_patch=patch_size)
         if qk_norm != "rms_norm" or pos_embed_type != "sincos" or temp_pos_embed_type != "rope":
@@ -139,14 +143,14 @@ class PyramidMMDiT(PyramidDiT):
             raise ValueError(f"caption_projection_dim {caption_projection_dim} must equal heads*head_dim = {dim}")
         self.in_channels = in_channels
         self.head_dim = attention_head_dim
-        self.pos_embed = PatchEmbed(in_channels, dim, patch_size, pos_embed_max_size, sample_size // patch_size)
+        self.pos_embed = PatchEmbed(in_channels, dim, patch_size, pos_embed_max_size, sample_size // patch_size, operations)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
-        self.context_embedder = Linear(joint_attention_dim, caption_projection_dim)
+        self.context_embedder = operations.Linear(joint_attention_dim, caption_projection_dim)
         self.transformer_blocks = nn.ModuleList(
-            JointTransformerBlock(dim, num_attention_heads, context_pre_only=i == num_layers - 1) for i in range(num_layers)
+            JointTransformerBlock(dim, num_attention_heads, i == num_layers - 1, operations) for i in range(num_layers)
         )
-        self.norm_out = AdaLayerNormContinuous(dim, dim)
-        self.proj_out = Linear(dim, patch_size * patch_size * in_channels)
+        self.norm_out = AdaLayerNormContinuous(dim, dim, operations)
+        self.proj_out = operations.Linear(dim, patch_size * patch_size * in_channels)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -158,8 +162,9 @@ class PyramidMMDiT(PyramidDiT):
     ) -> torch.Tensor:
         """Video tokens embedded and run through the blocks with the text (see `PyramidDiT.transform`)."""
         x = self.pos_embed(clips).to(spec.residual_dtype)
-        rope = self.rotary_tables(clips, "t", [self.head_dim])
-        keep = self.current_token_count(clips)  # the last block computes only what the read-out keeps
+        rope = self.rotary_tables(clips, "t", [self.head_dim], spec.shard)
+        keep = self.kept_token_count(clips, spec)  # the last block computes only what the read-out keeps
+        context, x = self.local_streams(context, x, spec)
         last = self.transformer_blocks[-1]
         for block in self.transformer_blocks:
             context, x = block(

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .operations import Operations, TorchOperations
 from .vae_blocks import CausalConv3d, CausalDecoder, CausalEncoder
 from .vae_decode import ChunkDecoder, StepCallback
 from .vae_tiling import TILE_OVERLAP, chunk_ranges, stitch, tile_plan
@@ -106,6 +107,7 @@ class CausalVideoVAE(nn.Module):
         interpolate: bool = False,
         sample_size: int = 256,
         scaling_factor: float = 0.13025,
+        operations: type[Operations] = TorchOperations,
         **private: object,
     ):
         super().__init__()
@@ -135,15 +137,15 @@ class CausalVideoVAE(nn.Module):
         self.encoder = CausalEncoder(
             encoder_in_channels, encoder_out_channels, list(encoder_block_out_channels),
             list(encoder_layers_per_block), encoder_norm_num_groups,
-            list(encoder_spatial_down_sample), list(encoder_temporal_down_sample),
+            list(encoder_spatial_down_sample), list(encoder_temporal_down_sample), operations=operations,
         )
         self.decoder = CausalDecoder(
             decoder_in_channels, decoder_out_channels, list(decoder_block_out_channels),
             list(decoder_layers_per_block), decoder_norm_num_groups,
-            list(decoder_spatial_up_sample), list(decoder_temporal_up_sample),
+            list(decoder_spatial_up_sample), list(decoder_temporal_up_sample), operations=operations,
         )
-        self.quant_conv = CausalConv3d(2 * encoder_out_channels, 2 * encoder_out_channels, 1)
-        self.post_quant_conv = CausalConv3d(encoder_out_channels, encoder_out_channels, 1)
+        self.quant_conv = CausalConv3d(2 * encoder_out_channels, 2 * encoder_out_channels, 1, operations=operations)
+        self.post_quant_conv = CausalConv3d(encoder_out_channels, encoder_out_channels, 1, operations=operations)
 
     # ---------------------------------------------------------------- properties / helpers
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .operations import Operations, TorchOperations
+
 NORM_SLICE_ELEMENTS = 1 << 25  # frames normalised per step: bounds the fp32 copies to ~128 MiB
 
 
@@ -31,12 +33,13 @@ class CausalConv3d(nn.Module):
         kernel_size: int = 3,
         stride: tuple[int, int, int] = (1, 1, 1),
         bias: bool = True,
+        operations: type[Operations] = TorchOperations,
     ):
         super().__init__()
         self.time_pad = kernel_size - 1
         self.space_pad = kernel_size // 2
         self.time_stride = stride[0]
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=bias)
+        self.conv = operations.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=bias)
         self.cache: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
@@ -86,13 +89,16 @@ class CausalGroupNorm(nn.GroupNorm):
 class CausalResnetBlock3D(nn.Module):
     """GN -> SiLU -> conv -> GN -> SiLU -> conv, plus a (1x1x1-projected when needed) skip connection."""
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float = 1e-6):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float = 1e-6, *,
+                 operations: type[Operations] = TorchOperations):
         super().__init__()
         self.norm1 = CausalGroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3, operations=operations)
         self.norm2 = CausalGroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
-        self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3, operations=operations)
+        self.conv_shortcut = (
+            CausalConv3d(in_channels, out_channels, 1, operations=operations) if in_channels != out_channels else None
+        )
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         h = self.conv1(self.norm1(x, silu=True), chunked=chunked, first_chunk=first_chunk)
@@ -137,9 +143,9 @@ class SpatialSelfAttention(nn.Module):
 class CausalMidBlock(nn.Module):
     """resnet -> per-frame spatial attention -> resnet."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, *, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.resnets = nn.ModuleList([CausalResnetBlock3D(channels, channels, groups) for _ in range(2)])
+        self.resnets = nn.ModuleList([CausalResnetBlock3D(channels, channels, groups, operations=operations) for _ in range(2)])
         self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
@@ -151,9 +157,9 @@ class CausalMidBlock(nn.Module):
 class Downsample(nn.Module):
     """A strided causal conv: (1,2,2) halves height and width; (2,1,1) takes F frames to (F-1)//2 + 1."""
 
-    def __init__(self, channels: int, stride: tuple[int, int, int]):
+    def __init__(self, channels: int, stride: tuple[int, int, int], *, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.conv = CausalConv3d(channels, channels, 3, stride=stride)
+        self.conv = CausalConv3d(channels, channels, 3, stride=stride, operations=operations)
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         return self.conv(x, chunked=chunked, first_chunk=first_chunk)
@@ -162,9 +168,9 @@ class Downsample(nn.Module):
 class SpatialUpsample(nn.Module):
     """Causal conv to 4c channels, then depth-to-space: (c p1 p2) -> c, (h p1), (w p2)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, *, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.conv = CausalConv3d(channels, channels * 4, 3)
+        self.conv = CausalConv3d(channels, channels * 4, 3, operations=operations)
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         x = self.conv(x, chunked=chunked, first_chunk=first_chunk)
@@ -176,9 +182,9 @@ class SpatialUpsample(nn.Module):
 class TemporalUpsample(nn.Module):
     """Causal conv to 2c channels, then (c p) t -> c (t p); the clip's first chunk drops its first frame."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, *, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.conv = CausalConv3d(channels, channels * 2, 3)
+        self.conv = CausalConv3d(channels, channels * 2, 3, operations=operations)
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         x = self.conv(x, chunked=chunked, first_chunk=first_chunk)
@@ -188,9 +194,11 @@ class TemporalUpsample(nn.Module):
         return x[:, :, 1:] if first_chunk else x
 
 
-def _resnet_stack(in_channels: int, out_channels: int, num_layers: int, groups: int) -> nn.ModuleList:
+def _resnet_stack(in_channels: int, out_channels: int, num_layers: int, groups: int,
+                  operations: type[Operations]) -> nn.ModuleList:
     return nn.ModuleList(
-        CausalResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        CausalResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, operations=operations)
+        for i in range(num_layers)
     )
 
 
@@ -198,11 +206,15 @@ class DownEncoderBlock(nn.Module):
     """resnets, then optional spatial and temporal downsamplers (official ``DownEncoderBlockCausal3D``)."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int,
-                 spatial_down: bool, temporal_down: bool):
+                 spatial_down: bool, temporal_down: bool, *, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.resnets = _resnet_stack(in_channels, out_channels, num_layers, groups)
-        self.downsamplers = nn.ModuleList([Downsample(out_channels, (1, 2, 2))]) if spatial_down else None
-        self.temporal_downsamplers = nn.ModuleList([Downsample(out_channels, (2, 1, 1))]) if temporal_down else None
+        self.resnets = _resnet_stack(in_channels, out_channels, num_layers, groups, operations)
+        self.downsamplers = (
+            nn.ModuleList([Downsample(out_channels, (1, 2, 2), operations=operations)]) if spatial_down else None
+        )
+        self.temporal_downsamplers = (
+            nn.ModuleList([Downsample(out_channels, (2, 1, 1), operations=operations)]) if temporal_down else None
+        )
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         for layer in _layers(self.resnets, self.downsamplers, self.temporal_downsamplers):
@@ -214,11 +226,13 @@ class UpDecoderBlock(nn.Module):
     """resnets, then optional spatial and temporal upsamplers (official ``UpDecoderBlockCausal3D``)."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int,
-                 spatial_up: bool, temporal_up: bool):
+                 spatial_up: bool, temporal_up: bool, *, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.resnets = _resnet_stack(in_channels, out_channels, num_layers, groups)
-        self.upsamplers = nn.ModuleList([SpatialUpsample(out_channels)]) if spatial_up else None
-        self.temporal_upsamplers = nn.ModuleList([TemporalUpsample(out_channels)]) if temporal_up else None
+        self.resnets = _resnet_stack(in_channels, out_channels, num_layers, groups, operations)
+        self.upsamplers = nn.ModuleList([SpatialUpsample(out_channels, operations=operations)]) if spatial_up else None
+        self.temporal_upsamplers = (
+            nn.ModuleList([TemporalUpsample(out_channels, operations=operations)]) if temporal_up else None
+        )
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         for layer in _layers(self.resnets, self.upsamplers, self.temporal_upsamplers):
@@ -237,17 +251,18 @@ class CausalEncoder(nn.Module):
 
     def __init__(self, in_channels: int, latent_channels: int, block_out_channels: Sequence[int],
                  layers_per_block: Sequence[int], groups: int, spatial_down: Sequence[bool],
-                 temporal_down: Sequence[bool]):
+                 temporal_down: Sequence[bool], *, operations: type[Operations] = TorchOperations):
         super().__init__()
-        self.conv_in = CausalConv3d(in_channels, block_out_channels[0], 3)
+        self.conv_in = CausalConv3d(in_channels, block_out_channels[0], 3, operations=operations)
         blocks, prev = [], block_out_channels[0]
         for i, out in enumerate(block_out_channels):
-            blocks.append(DownEncoderBlock(prev, out, layers_per_block[i], groups, spatial_down[i], temporal_down[i]))
+            blocks.append(DownEncoderBlock(prev, out, layers_per_block[i], groups, spatial_down[i], temporal_down[i],
+                                           operations=operations))
             prev = out
         self.down_blocks = nn.ModuleList(blocks)
-        self.mid_block = CausalMidBlock(prev, groups)
+        self.mid_block = CausalMidBlock(prev, groups, operations=operations)
         self.conv_norm_out = CausalGroupNorm(groups, prev, eps=1e-6)
-        self.conv_out = CausalConv3d(prev, 2 * latent_channels, 3)
+        self.conv_out = CausalConv3d(prev, 2 * latent_channels, 3, operations=operations)
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         kw = dict(chunked=chunked, first_chunk=first_chunk)
@@ -263,18 +278,19 @@ class CausalDecoder(nn.Module):
 
     def __init__(self, latent_channels: int, out_channels: int, block_out_channels: Sequence[int],
                  layers_per_block: Sequence[int], groups: int, spatial_up: Sequence[bool],
-                 temporal_up: Sequence[bool]):
+                 temporal_up: Sequence[bool], *, operations: type[Operations] = TorchOperations):
         super().__init__()
         reversed_channels = list(reversed(block_out_channels))
-        self.conv_in = CausalConv3d(latent_channels, reversed_channels[0], 3)
-        self.mid_block = CausalMidBlock(reversed_channels[0], groups)
+        self.conv_in = CausalConv3d(latent_channels, reversed_channels[0], 3, operations=operations)
+        self.mid_block = CausalMidBlock(reversed_channels[0], groups, operations=operations)
         blocks, prev = [], reversed_channels[0]
         for i, out in enumerate(reversed_channels):
-            blocks.append(UpDecoderBlock(prev, out, layers_per_block[i], groups, spatial_up[i], temporal_up[i]))
+            blocks.append(UpDecoderBlock(prev, out, layers_per_block[i], groups, spatial_up[i], temporal_up[i],
+                                         operations=operations))
             prev = out
         self.up_blocks = nn.ModuleList(blocks)
         self.conv_norm_out = CausalGroupNorm(groups, block_out_channels[0], eps=1e-6)
-        self.conv_out = CausalConv3d(block_out_channels[0], out_channels, 3)
+        self.conv_out = CausalConv3d(block_out_channels[0], out_channels, 3, operations=operations)
 
     def forward(self, z: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         kw = dict(chunked=chunked, first_chunk=first_chunk)

@@ -134,8 +134,16 @@ def to_api(ui: dict, mappings: dict) -> dict:
     return prompt
 
 
-def execute(prompt: dict, mappings: dict) -> dict[str, Any]:
-    """Run every output node of an API prompt (dependencies first); returns each output node's `ui`."""
+def _hidden(cls, prompt: dict, extra_data: dict, node_id: str) -> dict[str, Any]:
+    values = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_data.get("extra_pnginfo"), "UNIQUE_ID": node_id}
+    return {name: values[kind] for name, kind in cls.INPUT_TYPES().get("hidden", {}).items() if kind in values}
+
+
+def execute(prompt: dict, mappings: dict, extra_data: dict | None = None) -> dict[str, Any]:
+    """Run every output node of an API prompt (dependencies first); returns each output node's `ui`.
+
+    `extra_data` (what POST /prompt sends beside the prompt, e.g. {"extra_pnginfo": {"workflow": ui}}): when
+    given, hidden inputs are filled as ComfyUI's executor does (PROMPT, EXTRA_PNGINFO, UNIQUE_ID)."""
     results: dict[str, tuple] = {}
     ui_outputs: dict[str, Any] = {}
 
@@ -145,6 +153,8 @@ def execute(prompt: dict, mappings: dict) -> dict[str, Any]:
             cls = mappings[node["class_type"]]
             kwargs = {name: run(value[0])[value[1]] if isinstance(value, list) else value
                       for name, value in node["inputs"].items()}
+            if extra_data is not None:
+                kwargs.update(_hidden(cls, prompt, extra_data, node_id))
             out = getattr(cls(), cls.FUNCTION)(**kwargs)
             if isinstance(out, dict):
                 ui_outputs[node_id] = out.get("ui")

@@ -109,7 +109,14 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
             if loaded.model is patcher:
                 current_loaded_models.remove(loaded)
                 break
-        patcher.load(patcher.load_device, full_load=force_full_load)
+        # as ComfyUI: other models are unloaded until this one's weights plus the inference memory fit
+        free_memory(patcher.model_size() - patcher.loaded_size() + memory_required, patcher.load_device,
+                    keep_loaded=[m for m in current_loaded_models if m.model is patcher])
+        free = get_free_memory(patcher.load_device) + patcher.loaded_size()
+        lowvram = 0
+        if not force_full_load and patcher.model_size() + memory_required > free:
+            lowvram = max(1, free - memory_required)  # what is left for weights after the inference memory
+        patcher.load(patcher.load_device, lowvram_model_memory=lowvram, full_load=force_full_load)
         current_loaded_models.insert(0, LoadedModel(patcher))
 
 

@@ -25,6 +25,7 @@ from .settings import FP8_GRANULARITIES
 from .models.attention import attention_backends, register_attention_backend, set_attention_backend
 from .models.dit import DiTSettings, configure_dit
 from .models.layers import mixed_precision_linear, residual_dtype_for
+from .models.operations import on_device_of
 
 __all__ = [
     "DEFAULT_FP8_KEEP",
@@ -122,8 +123,9 @@ class Fp8Linear(nn.Module):
             except (RuntimeError, NotImplementedError) as exc:  # shape/arch the kernel refuses: dequantise from now on
                 warnings.warn(f"torch._scaled_mm unavailable ({exc}); Fp8Linear falls back to dequantising")
                 self.use_scaled_mm = False
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return mixed_precision_linear(x, self.dequantized_weight(), bias)
+        bias = None if self.bias is None else on_device_of(self.bias, x).to(self.compute_dtype)
+        weight = fp8_dequantize(on_device_of(self.weight, x), on_device_of(self.weight_scale, x), self.compute_dtype)
+        return mixed_precision_linear(x, weight, bias)
 
     def _scaled_mm_applies(self, x: torch.Tensor) -> bool:
         return (x.dtype == self.compute_dtype == torch.bfloat16 and self.weight.dtype == torch.float8_e4m3fn

@@ -74,12 +74,11 @@ def test_layers_are_comfyui_ops_and_parity_holds_through_them(comfy_state, comfy
     import comfy.ops as ops
 
     _, model, vae, text_encoder, cond, _ = comfy_state
-    linears = [m for m in model.dit.module.modules() if isinstance(m, torch.nn.Linear)]
-    ours = [m for m in linears if isinstance(m, ops.disable_weight_init.Linear)]
-    # every Linear but those of diffusers' timestep/pooled-text embedder (plain torch, small: loaded whole)
-    assert len(ours) >= len(linears) - 4 and all(type(m).__module__ == "nodes.comfy" for m in ours)
-    convs = [m for m in vae.vae.module.modules() if isinstance(m, torch.nn.Conv3d)]
-    assert convs and all(isinstance(m, ops.disable_weight_init.Conv3d) for m in convs)
+    for module, kinds in ((model.dit.module, ("Linear",)), (vae.vae.module, ("Linear", "Conv3d"))):
+        for kind in kinds:  # every layer of these kinds, diffusers' timestep embedder and the VAE attention included
+            layers = [m for m in module.modules() if isinstance(m, getattr(torch.nn, kind))]
+            assert layers and all(isinstance(m, getattr(ops.disable_weight_init, kind)) for m in layers), kind
+            assert all(type(m).__module__ == "nodes.comfy" for m in layers)
 
     expected, entry = tensors("miniflux_tiny/e2e/t2v"), case("miniflux_tiny/e2e/t2v")
     monkeypatch.setattr("pyramid_core.pipeline.RandomStreams.from_seed", classmethod(

@@ -24,11 +24,11 @@ from .layers import (
     FP16_MAX,
     AdaLayerNormContinuous,
     AdaLayerNormZero,
-    CombinedTimestepTextProjEmbeddings,
     RMSNorm,
     RotaryTables,
     apply_rope_,
     project_heads,
+    time_text_embedder,
 )
 
 PATCH_SIZE = 2  # the official code hard-codes 2 whatever config.json says
@@ -172,7 +172,7 @@ class PyramidFluxTransformer(PyramidDiT):
         dim = num_attention_heads * attention_head_dim
         self.in_channels = in_channels
         self.axes_dims_rope = list(axes_dims_rope)
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
+        self.time_text_embed = time_text_embedder(dim, pooled_projection_dim, operations)
         self.context_embedder = operations.Linear(joint_attention_dim, dim)
         self.x_embedder = operations.Linear(in_channels, dim)
         self.transformer_blocks = nn.ModuleList(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .operations import Linear, Operations, TorchOperations, mixed_precision_linear, pow2_scale
+from .operations import Linear, Operations, TorchOperations, mixed_precision_linear, on_device_of, pow2_scale
 
 try:  # diffusers' embedding module carries the official parameter names
     from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
@@ -49,6 +49,7 @@ __all__ = [
     "rms_norm",
     "rope_cos_sin",
     "rope_tables",
+    "time_text_embedder",
 ]
 
 FP16_MAX = 65504.0
@@ -62,6 +63,19 @@ def residual_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
     fp16 residual streams overflow (FACTS 8.1: NaN / black video); bf16 and fp32 keep the official flow.
     """
     return torch.float32 if compute_dtype == torch.float16 else compute_dtype
+
+
+def time_text_embedder(dim: int, pooled_dim: int, operations: type[Operations] = TorchOperations) -> nn.Module:
+    """diffusers' `CombinedTimestepTextProjEmbeddings` (the official parameter names and numerics) with its Linear
+    layers built from `operations`, like every other layer of the DiTs."""
+    module = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_dim)
+    for name, child in list(module.named_modules()):
+        if type(child) is nn.Linear:
+            parent, _, attr = name.rpartition(".")
+            layer = operations.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                      device=child.weight.device, dtype=child.weight.dtype)
+            setattr(module.get_submodule(parent) if parent else module, attr, layer)
+    return module
 
 
 class GELUProjection(nn.Module):
@@ -105,7 +119,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.cast_to_input)
+        return rms_norm(x, on_device_of(self.weight, x), self.eps, self.cast_to_input)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_to_input: bool = False) -> torch.Tensor:

@@ -17,8 +17,8 @@ from torch import nn
 from .attention import AttentionSpec
 from .dit import PyramidDiT
 from .double_stream import DoubleStreamAttention, DoubleStreamBlock
-from .layers import AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings, RMSNorm
-from .operations import Operations, TorchOperations
+from .layers import AdaLayerNormContinuous, RMSNorm, time_text_embedder
+from .operations import Operations, TorchOperations, on_device_of
 
 
 def sincos_table_2d(dim: int, grid: int, base_size: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ class PatchEmbed(nn.Module):
             b, c, t, h, w = clip.shape
             frames = clip.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).to(self.proj.weight.dtype)
             x = self.proj(frames).flatten(2).transpose(1, 2)
-            x = (x + self.position_table(h // p, w // p, ref_h, ref_w)).to(x.dtype)
+            x = (x + on_device_of(self.position_table(h // p, w // p, ref_h, ref_w), x)).to(x.dtype)
             tokens.append(x.reshape(b, t * x.shape[1], -1))
         return torch.cat(tokens, dim=1)
 
@@ -144,7 +144,7 @@ class PyramidMMDiT(PyramidDiT):
         self.in_channels = in_channels
         self.head_dim = attention_head_dim
         self.pos_embed = PatchEmbed(in_channels, dim, patch_size, pos_embed_max_size, sample_size // patch_size, operations)
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
+        self.time_text_embed = time_text_embedder(dim, pooled_projection_dim, operations)
         self.context_embedder = operations.Linear(joint_attention_dim, caption_projection_dim)
         self.transformer_blocks = nn.ModuleList(
             JointTransformerBlock(dim, num_attention_heads, i == num_layers - 1, operations) for i in range(num_layers)

@@ -16,9 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "Conv3d", "Linear", "Operations", "TorchOperations", "conv3d_onednn", "mixed_precision_linear", "pow2_scale",
-    "use_onednn",
+    "Conv3d", "Linear", "Operations", "TorchOperations", "conv3d_onednn", "mixed_precision_linear", "on_device_of",
+    "pow2_scale", "use_onednn",
 ]
+
+
+def on_device_of(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """`t` on `x`'s device for one call: `t` itself when it is there already (the usual case: no copy), else an
+    asynchronous copy. The small weights outside the `operations` layers (norms, position tables) read through
+    it, so a host's partial load (ComfyUI's, which may leave such weights on the offload device) still runs."""
+    return t if t is None or t.device == x.device else t.to(x.device, non_blocking=True)
 
 
 def pow2_scale(x: torch.Tensor, dim, limit: float = 1.0) -> torch.Tensor:

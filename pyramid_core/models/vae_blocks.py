@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .operations import Operations, TorchOperations
+from .operations import Operations, TorchOperations, on_device_of
 
 NORM_SLICE_ELEMENTS = 1 << 25  # frames normalised per step: bounds the fp32 copies to ~128 MiB
 
@@ -71,8 +71,8 @@ class CausalGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:  # type: ignore[override]
         b, c, t, h, w = x.shape
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
+        weight = on_device_of(self.weight, x).float() if self.weight is not None else None
+        bias = on_device_of(self.bias, x).float() if self.bias is not None else None
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         # frames are independent, so slicing only bounds the fp32 temporaries
         step = max(1, NORM_SLICE_ELEMENTS // max(1, b * c * h * w))
@@ -115,20 +115,21 @@ class SpatialSelfAttention(nn.Module):
     ``to_out.0``).
     """
 
-    def __init__(self, channels: int, groups: int, eps: float = 1e-6):
+    def __init__(self, channels: int, groups: int, eps: float = 1e-6, *,
+                 operations: type[Operations] = TorchOperations):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.to_q = operations.Linear(channels, channels)
+        self.to_k = operations.Linear(channels, channels)
+        self.to_v = operations.Linear(channels, channels)
+        self.to_out = nn.ModuleList([operations.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
         normed = F.group_norm(
-            frames.float(), self.group_norm.num_groups, self.group_norm.weight.float(),
-            self.group_norm.bias.float(), self.group_norm.eps,
+            frames.float(), self.group_norm.num_groups, on_device_of(self.group_norm.weight, x).float(),
+            on_device_of(self.group_norm.bias, x).float(), self.group_norm.eps,
         ).to(x.dtype)
         tokens = normed.flatten(2).transpose(1, 2)  # (b t) (h w) c
         q = self.to_q(tokens).unsqueeze(1)
@@ -146,7 +147,7 @@ class CausalMidBlock(nn.Module):
     def __init__(self, channels: int, groups: int, *, operations: type[Operations] = TorchOperations):
         super().__init__()
         self.resnets = nn.ModuleList([CausalResnetBlock3D(channels, channels, groups, operations=operations) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups, operations=operations)])
 
     def forward(self, x: torch.Tensor, *, chunked: bool = False, first_chunk: bool = True) -> torch.Tensor:
         x = self.resnets[0](x, chunked=chunked, first_chunk=first_chunk)

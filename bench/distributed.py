@@ -42,6 +42,7 @@ from pyramid_core.parallel import CommStats, LaunchEnv, ParallelGroups, Parallel
 from pyramid_core.parallel import start_process_group, stop_process_group  # noqa: E402
 from pyramid_core.sampling import clean_pyramid, guided_velocity, history_for_stage  # noqa: E402
 from pyramid_core.text import TextEmbeddings  # noqa: E402
+from bench.official_compare import fill_fixture_weights  # noqa: E402
 
 LATENT = {"384p": (48, 80), "768p": (96, 160)}  # latent (h, w) of 640x384 and 1280x768 video
 TEXT_TOKENS, TEXT_DIM, POOLED_DIM, GUIDANCE = 128, 4096, 768, 7.0
@@ -52,15 +53,7 @@ LAYOUTS_30_HEADS = {world: [(c, s) for c, s in layouts if 30 % s == 0] for world
 def build_dit(double: int, single: int) -> PyramidFluxTransformer:
     """Real-width miniFLUX with `double` + `single` blocks, seeded weights (the same in every process)."""
     dit = PyramidFluxTransformer(num_layers=double, num_single_layers=single)
-    generator = torch.Generator("cpu").manual_seed(1001)
-    with torch.no_grad():
-        for name, param in dit.named_parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * param[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    fill_fixture_weights(dit, seed=1001)
     return dit.eval()
 
 

@@ -73,9 +73,24 @@ def _report(result: dict) -> None:
     print(MARK + json.dumps(result), flush=True)
 
 
+def fill_fixture_weights(module, seed: int) -> None:
+    """Random weights drawn as the fixtures' were (shared/fixtures/reference/README.md, "Weights and seeds"):
+    matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.01), the rest N(0, 0.0025), in parameter order."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * param[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+
+
 def build_checkpoint(args) -> None:
     """(official venv) The official-layout folder: official PyramidFluxTransformer, fixture encoders and VAE."""
-    import torch
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(args.official_src))
@@ -85,15 +100,7 @@ def build_checkpoint(args) -> None:
     config = json.loads((source / VARIANT / "config.json").read_text())
     config.update(DIT_SIZES)
     dit = PyramidFluxTransformer.from_config(config)
-    generator = torch.Generator("cpu").manual_seed(DIT_SEED)
-    with torch.no_grad():  # the fixtures' recipe (shared/fixtures/reference/README.md, "Weights and seeds")
-        for name, param in dit.named_parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * param[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    fill_fixture_weights(dit, DIT_SEED)
     target = root / VARIANT
     target.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(target / "diffusion_pytorch_model.safetensors"))

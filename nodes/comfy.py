@@ -174,7 +174,7 @@ def load_models(patchers: list[Any], memory_required: int = 0, force_full_load: 
         return  # standalone: models stay on the host they were loaded to
     require()
     load = _mm.load_models_gpu
-    if "force_full_load" in inspect.signature(load).parameters:
+    if _takes(load, "force_full_load"):
         load(patchers, memory_required=memory_required, force_full_load=force_full_load)
     else:  # before 2024-08: no such argument (and no partial loading of custom layers to refuse)
         load(patchers, memory_required=memory_required)
@@ -237,6 +237,12 @@ def operations(weight_dtype: torch.dtype, compute_dtype: torch.dtype, load_devic
     return _layer_classes(base, compute_dtype)
 
 
+@functools.lru_cache(maxsize=32)
+def _takes(function: Any, keyword: str) -> bool:
+    """Whether a ComfyUI function has a parameter (read once per function: the weight cast runs on every call)."""
+    return keyword in inspect.signature(function).parameters
+
+
 @contextlib.contextmanager
 def cast_weights(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, Any]]:
     """(weight, bias) of a comfy.ops layer on x's device in `dtype`, for one call, as this ComfyUI casts them:
@@ -247,7 +253,7 @@ def cast_weights(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Itera
         with context(layer, x, dtype=dtype, offloadable=True) as (weight, bias):
             yield weight, bias
         return
-    if "offloadable" in inspect.signature(_ops.cast_bias_weight).parameters:
+    if _takes(_ops.cast_bias_weight, "offloadable"):
         weight, bias, stream = _ops.cast_bias_weight(layer, x, dtype=dtype, offloadable=True)
         try:
             yield weight, bias

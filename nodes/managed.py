@@ -218,6 +218,7 @@ class ComfyMemory:
         self.resident_blocks = resident_blocks
         self.device = host.torch_device()
         self.workload = Workload()
+        self.dtype: torch.dtype | None = None  # the generation's compute dtype (`prepare`)
         self._decode: tuple[int, int] | None = None  # the (window, tile) last chosen for a decode
 
     def register(self, name: str, module: nn.Module | None) -> None:
@@ -231,6 +232,7 @@ class ComfyMemory:
         """Remember the generation's workload (what the estimates are for)."""
         self.workload = Workload.for_generation(width or self.workload.width, height or self.workload.height,
                                                 temp or self.workload.temp, cfg, dtype)
+        self.dtype = dtype
         return self.workload
 
     def placement(self, name: str) -> str:
@@ -274,7 +276,7 @@ class ComfyMemory:
         engine.register(name, managed.module)
         try:
             engine.prepare(self.workload.width, self.workload.height, self.workload.temp, cfg=self.workload.cfg,
-                           dtype=torch.float32 if self.workload.act_bytes == 4 else torch.bfloat16)
+                           dtype=self.dtype)
             with engine.use(name) as module:
                 yield module
         finally:
